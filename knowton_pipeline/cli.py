@@ -1,0 +1,170 @@
+"""The `knowton` command: run the local stack, apply schemas, deploy connectors, seed demo data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+from knowton_pipeline.lib.settings import Settings, SettingsError
+
+EXIT_ERROR = 2
+
+
+def _stack_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from knowton_pipeline.stack.manager import Stack, status_dicts, tail
+
+    stack = Stack(settings, echo=lambda m: print(m, flush=True))
+    if args.action == "up":
+        statuses = stack.up(args.components or None)
+        _print_status(statuses)
+        return 0
+    if args.action == "down":
+        stack.down(args.components or None)
+        return 0
+    if args.action == "status":
+        statuses = stack.status(args.components or None)
+        if args.json:
+            print(json.dumps(status_dicts(statuses), indent=2))
+        else:
+            _print_status(statuses)
+        return 0 if all(s.state in ("running", "embedded", "remote", "in-use") for s in statuses) else 1
+    if args.action == "logs":
+        names = args.components or [c for c in stack.components]
+        for name in names:
+            comp = stack.select([name])[-1] if name in stack.components else None
+            if comp is None:
+                print(f"error: unknown component {name!r}", file=sys.stderr)
+                return EXIT_ERROR
+            print(f"==> {comp.log} <==")
+            print(tail(comp.log, args.lines))
+        return 0
+    raise AssertionError(args.action)
+
+
+def _print_status(statuses: Sequence[object]) -> None:
+    for s in statuses:
+        pid = f"pid {s.pid}" if s.pid else ""  # type: ignore[attr-defined]
+        print(f"{s.name:<14} {s.state:<10} {s.address:<52} {pid:<11} {s.detail}")  # type: ignore[attr-defined]
+
+
+def _schema_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from knowton_pipeline.lib import schema
+
+    for line in schema.apply_all(settings, stores=args.stores or None):
+        print(line, flush=True)
+    return 0
+
+
+def _connectors_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from knowton_pipeline.lib.connectors import deploy_connectors, load_connector_configs
+    from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+
+    client = KafkaConnectClient(settings.connect_url)
+    if args.action == "deploy":
+        results = deploy_connectors(client, load_connector_configs(), dry_run=args.dry_run)
+        for r in results:
+            print(r.describe())
+        if args.json:
+            print(json.dumps([r.as_dict() for r in results], indent=2))
+        return 0
+    if args.action == "status":
+        print(json.dumps(client.connectors_with_status(), indent=2))
+        return 0
+    raise AssertionError(args.action)
+
+
+def _seed_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from knowton_pipeline.lib.seed import SeedError, SeedSize, seed_demo_data
+
+    size = SeedSize(users=args.users, contents=args.contents, purchases=args.purchases)
+    with psycopg.connect(**settings.pg_conninfo()) as conn:  # type: ignore[arg-type]
+        try:
+            report = seed_demo_data(conn, size, seed=args.seed, replace=args.replace, progress=not args.quiet)
+        except SeedError as exc:
+            if not args.if_empty:
+                raise
+            print(f"kept the existing data ({exc})")
+            return 0
+    total = report.users + report.contents + report.purchases
+    print(
+        f"seeded {report.users} users, {report.contents} contents, {report.purchases} purchases "
+        f"in {report.seconds:.1f} s ({total / max(report.seconds, 1e-9):,.0f} rows/s)"
+    )
+    return 0
+
+
+def _env_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    env = settings.export_env(include_secrets=True)
+    env["DAGSTER_HOME"] = str(settings.dagster_home)
+    for k, v in sorted(env.items()):
+        print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knowton", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("stack", help="the local stack: up | down | status | logs")
+    st.add_argument("action", choices=["up", "down", "status", "logs"])
+    st.add_argument("components", nargs="*", help="postgres, kafka, connect, elasticsearch (default: all)")
+    st.add_argument("--json", action="store_true", help="status: machine-readable output")
+    st.add_argument("-n", "--lines", type=int, default=40, help="logs: how many lines per component")
+    st.set_defaults(func=_stack_cmd)
+
+    sc = sub.add_parser("schema", help="apply the PostgreSQL, ClickHouse and Elasticsearch schemas (idempotent)")
+    sc.add_argument("action", choices=["apply"])
+    sc.add_argument("stores", nargs="*", help="postgres, clickhouse, elasticsearch (default: all)")
+    sc.set_defaults(func=_schema_cmd)
+
+    co = sub.add_parser("connectors", help="Kafka Connect connectors from connectors/*.json")
+    co.add_argument("action", choices=["deploy", "status"])
+    co.add_argument("--dry-run", action="store_true", help="deploy: report what would change, change nothing")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=_connectors_cmd)
+
+    se = sub.add_parser("seed", help="load deterministic demo data into PostgreSQL (COPY)")
+    se.add_argument("--users", type=int, default=10_000)
+    se.add_argument("--contents", type=int, default=20_000)
+    se.add_argument("--purchases", type=int, default=100_000)
+    se.add_argument("--seed", type=int, default=42)
+    se.add_argument("--replace", action="store_true", help="truncate the tables first")
+    se.add_argument("--if-empty", action="store_true", help="do nothing when the tables already hold data")
+    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.set_defaults(func=_seed_cmd)
+
+    en = sub.add_parser("env", help="print `export` lines for the settings (for dagster commands)")
+    en.set_defaults(func=_env_cmd)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from knowton_pipeline.lib.clickhouse import ClickHouseLockedError
+    from knowton_pipeline.stack.components import StackError
+
+    args = build_parser().parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except (SettingsError, StackError, ClickHouseLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a store that is down, a bad file: one clear line, not a traceback
+        from knowton_pipeline.lib.errors import describe_error
+
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

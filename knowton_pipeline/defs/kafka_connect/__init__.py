@@ -1,0 +1,1 @@
+"""Kafka Connect and the CDC topics Debezium writes."""

@@ -1,0 +1,1 @@
+"""Operational jobs that span the stores (schema setup)."""

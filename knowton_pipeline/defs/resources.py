@@ -1,0 +1,101 @@
+"""One ConfigurableResource per system, configured from KNOWTON_* environment variables."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import psycopg
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+from elasticsearch import Elasticsearch
+
+from knowton_pipeline.lib import clickhouse
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+
+# Runs whose ops carry this pool never overlap (dagster.yaml: pools at run granularity, limit 1),
+# because the embedded ClickHouse folder can be open in one process at a time.
+CLICKHOUSE_POOL = "clickhouse"
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """The source of truth."""
+
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str
+
+    @contextmanager
+    def get_connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+        with psycopg.connect(
+            host=self.host,
+            port=self.port,
+            dbname=self.dbname,
+            user=self.user,
+            password=self.password,
+            autocommit=autocommit,
+            connect_timeout=10,
+            application_name="knowton-pipeline",
+        ) as conn:
+            yield conn
+
+
+class KafkaResource(dg.ConfigurableResource):
+    bootstrap_servers: str
+
+
+class KafkaConnectResource(dg.ConfigurableResource):
+    url: str
+    timeout_seconds: float = 10.0
+
+    def get_client(self) -> KafkaConnectClient:
+        return KafkaConnectClient(self.url, timeout=self.timeout_seconds)
+
+
+class ClickHouseResource(dg.ConfigurableResource):
+    """`chdb:///path` for the embedded engine (one process at a time), `http(s)://` for a server."""
+
+    dsn: str
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.dsn.startswith("chdb://")
+
+    @contextmanager
+    def get_client(self) -> Iterator[ClickHouseClient]:
+        with clickhouse.connection(self.dsn) as client:
+            yield client
+
+
+class ElasticsearchResource(dg.ConfigurableResource):
+    url: str
+    request_timeout: float = 30.0
+
+    @contextmanager
+    def get_client(self) -> Iterator[Elasticsearch]:
+        es = Elasticsearch(self.url, request_timeout=self.request_timeout)
+        try:
+            yield es
+        finally:
+            es.close()
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "postgres": PostgresResource(
+            host=dg.EnvVar("KNOWTON_PG_HOST"),
+            port=dg.EnvVar.int("KNOWTON_PG_PORT"),
+            dbname=dg.EnvVar("KNOWTON_PG_DB"),
+            user=dg.EnvVar("KNOWTON_PG_USER"),
+            password=dg.EnvVar("KNOWTON_PG_PASSWORD"),
+        ),
+        "kafka": KafkaResource(bootstrap_servers=dg.EnvVar("KNOWTON_KAFKA_BOOTSTRAP")),
+        "kafka_connect": KafkaConnectResource(url=dg.EnvVar("KNOWTON_CONNECT_URL")),
+        "clickhouse_store": ClickHouseResource(dsn=dg.EnvVar("KNOWTON_CLICKHOUSE_DSN")),
+        "elasticsearch": ElasticsearchResource(url=dg.EnvVar("KNOWTON_ES_URL")),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources())

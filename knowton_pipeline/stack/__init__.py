@@ -1,0 +1,1 @@
+"""The local real-component stack: PostgreSQL, Kafka, Kafka Connect with Debezium, Elasticsearch."""

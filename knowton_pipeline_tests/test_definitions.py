@@ -1,0 +1,81 @@
+"""The code location loads, with the asset graph, jobs and instance policy the project is known by."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import yaml
+
+from knowton_pipeline.definitions import defs
+from knowton_pipeline.defs.resources import CLICKHOUSE_POOL
+from knowton_pipeline.lib.settings import PROJECT_ROOT, Settings
+
+
+def _defs() -> dg.Definitions:
+    return defs()
+
+
+def test_definitions_are_loadable() -> None:
+    dg.Definitions.validate_loadable(_defs())
+
+
+def test_asset_keys_snapshot() -> None:
+    keys = sorted(k.to_user_string() for k in _defs().resolve_all_asset_keys())
+    assert keys == [
+        "kafka/topics/cdc-Content",
+        "kafka/topics/cdc-Purchase",
+        "kafka/topics/cdc-User",
+        "kafka/topics/cdc-heartbeat",
+        "postgres/ops/heartbeat",
+        "postgres/public/Content",
+        "postgres/public/Purchase",
+        "postgres/public/User",
+    ]
+
+
+def test_each_cdc_topic_is_downstream_of_its_postgres_table() -> None:
+    graph = _defs().resolve_asset_graph()
+    for table in ("User", "Content", "Purchase"):
+        topic = dg.AssetKey(["kafka", "topics", f"cdc-{table}"])
+        assert graph.get(topic).parent_keys == {dg.AssetKey(["postgres", "public", table])}
+    assert graph.get(dg.AssetKey(["postgres", "public", "User"])).kinds == {"postgres"}
+
+
+def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
+    d = _defs()
+    jobs = {j.name for j in d.resolve_all_job_defs() if not j.name.startswith("__")}
+    assert jobs == {"apply_schemas", "deploy_connectors"}
+    schema_job = d.resolve_job_def("apply_schemas")
+    pools = {n.name: n.definition.pool for n in schema_job.nodes}  # type: ignore[union-attr]
+    assert pools["apply_clickhouse_schema"] == CLICKHOUSE_POOL
+    assert pools["apply_postgres_schema"] is None
+
+
+def test_dagster_yaml_keeps_clickhouse_runs_from_overlapping_and_stores_runs_in_postgres() -> None:
+    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    assert config["concurrency"]["pools"] == {"granularity": "run", "default_limit": 1}
+    assert config["storage"]["postgres"]["postgres_db"]["password"] == {"env": "KNOWTON_PG_PASSWORD"}
+
+
+def test_instance_from_dagster_yaml_uses_postgres_storage_and_run_pools(stack, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    with dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert instance.get_concurrency_config().pool_config.pool_granularity.value == "run"
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_dagster_definitions_validate_passes(stack, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, **settings.export_env(include_secrets=True), "DAGSTER_HOME": str(settings.dagster_home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All code locations passed validation" in result.stdout + result.stderr

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One command for the demo: set up, start the stack, apply schemas, deploy the CDC connector,
+# seed demo data, and serve the Dagster UI on http://127.0.0.1:${KNOWTON_DAGSTER_PORT:-3000}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+knowton=.venv/bin/knowton
+$knowton stack up
+$knowton schema apply
+$knowton connectors deploy
+# Seeds once; on later starts the data is kept (`knowton seed --replace` reseeds).
+$knowton seed --if-empty
+eval "$($knowton env)"
+echo "Dagster UI: http://127.0.0.1:${KNOWTON_DAGSTER_PORT}  (Ctrl-C stops the UI; 'knowton stack down' stops the stack)"
+exec .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p "${KNOWTON_DAGSTER_PORT}"

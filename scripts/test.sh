@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One command for the tests: set up, start the real stack, lint, run pytest, and stop the stack
+# again if this script started it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+bash scripts/setup.sh
+knowton=.venv/bin/knowton
+started_here=0
+if ! $knowton stack status >/dev/null 2>&1; then
+  started_here=1
+fi
+stop_stack() {
+  if [ "$started_here" = 1 ]; then
+    $knowton stack down || true
+  fi
+}
+trap stop_stack EXIT
+$knowton stack up
+eval "$($knowton env)"
+.venv/bin/ruff check knowton_pipeline knowton_pipeline_tests
+mkdir -p test-output
+.venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+echo "tests finished in $(( $(date +%s) - t0 )) s"
