@@ -49,12 +49,22 @@ def elasticsearch_templates() -> dict[str, Path]:
     }
 
 
+def alias_body() -> dict[str, object]:
+    """Searches through the alias never see soft-deleted documents (deletes are kept as versioned
+    tombstones so that a stale write cannot resurrect them after Elasticsearch's gc_deletes window)."""
+    return {"is_write_index": True, "filter": {"bool": {"must_not": {"term": {"is_deleted": True}}}}}
+
+
 def apply_elasticsearch(es: Elasticsearch) -> Iterator[str]:
     for alias, path in elasticsearch_templates().items():
         body = read_json("elasticsearch", path.name)
         es.indices.put_index_template(name=alias, **body)
         yield f"elasticsearch: index template {alias} ({path.name})"
         if es.indices.exists_alias(name=alias):
+            # Converge existing indices: additive mapping changes and the alias definition.
+            for index in es.indices.get_alias(name=alias):
+                es.indices.put_mapping(index=index, properties=body["template"]["mappings"]["properties"])
+                es.indices.put_alias(index=index, name=alias, **alias_body())
             continue
         if es.indices.exists(index=alias):
             raise RuntimeError(
@@ -62,7 +72,7 @@ def apply_elasticsearch(es: Elasticsearch) -> Iterator[str]:
                 f"schema was applied); searches expect an alias of that name over {alias}-v1. Reindex it into "
                 f"{alias}-v1 and delete it, then apply again."
             )
-        es.indices.create(index=f"{alias}-v1", aliases={alias: {"is_write_index": True}})
+        es.indices.create(index=f"{alias}-v1", aliases={alias: alias_body()})
         yield f"elasticsearch: created {alias}-v1 behind alias {alias}"
 
 
