@@ -179,9 +179,11 @@ class Stack:
             capture_output=True,
             text=True,
         )
-        if result.returncode != 0 or not all(p.exists() for p in needed):
+        missing = [str(p) for p in needed if not p.exists()]
+        if result.returncode != 0 or missing:
             raise StackError(
-                f"resolving the stack's jars with Maven failed:\n{(result.stdout + result.stderr)[-2000:]}"
+                f"resolving the stack's jars with Maven failed (exit {result.returncode}, missing: "
+                f"{', '.join(missing) or 'nothing'}):\n{(result.stdout + result.stderr)[-2000:]}"
             )
 
     def stack_user(self) -> str | None:
