@@ -11,16 +11,54 @@ TOPIC_PREFIX = "cdc-"
 DLQ_TOPICS = ("dlq-clickhouse-failed", "dlq-elasticsearch-failed", "dlq-parked")
 
 
+# Column types the transforms, the Debezium decoder and (later) canonical hashing understand.
+COLUMN_TYPES = ("text", "int", "bigint", "bool", "numeric", "timestamptz", "text[]", "jsonb")
+
+
+def snake(name: str) -> str:
+    """PostgreSQL's camelCase column name as ClickHouse and Elasticsearch spell it."""
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # as in PostgreSQL ("createdAt")
+    type: str  # one of COLUMN_TYPES
+    nullable: bool = False
+    scale: int | None = None  # digits after the point, for numeric
+    in_elasticsearch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in COLUMN_TYPES:
+            raise ValueError(f"column {self.name}: unknown type {self.type!r}")
+        if (self.type == "numeric") != (self.scale is not None):
+            raise ValueError(f"column {self.name}: numeric columns, and only they, need a scale")
+
+    @property
+    def target_name(self) -> str:
+        """The column's name in ClickHouse and Elasticsearch."""
+        return snake(self.name)
+
+
 @dataclass(frozen=True)
 class SyncedTable:
     name: str  # the PostgreSQL table, as Debezium and the seed name it ("User")
     key: tuple[str, ...]
+    columns: tuple[Column, ...]
     clickhouse_table: str  # mirror table in the `knowton` ClickHouse database
     elasticsearch_index: str | None  # alias searched by the application, None when not indexed
     description: str
     schema: str = "public"
     created_at: str | None = "createdAt"
     updated_at: str | None = "updatedAt"
+    # Aggregates (ClickHouse tables) computed from this table's mirror.
+    feeds: tuple[str, ...] = ()
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"{self.name} has no column {name!r}")
 
     @property
     def topic(self) -> str:
@@ -36,23 +74,61 @@ TABLES: tuple[SyncedTable, ...] = (
     SyncedTable(
         name="User",
         key=("address",),
+        columns=(
+            Column("address", "text"),
+            Column("username", "text"),
+            Column("email", "text", nullable=True),
+            Column("bio", "text", nullable=True),
+            Column("avatarUrl", "text", nullable=True),
+            Column("reputation", "int"),
+            Column("isVerified", "bool"),
+            Column("createdAt", "timestamptz"),
+            Column("updatedAt", "timestamptz"),
+        ),
         clickhouse_table="users",
         elasticsearch_index="knowton-users",
         description="KnowTon accounts, keyed by wallet address.",
+        feeds=("user_activity",),
     ),
     SyncedTable(
         name="Content",
         key=("id",),
+        columns=(
+            Column("id", "bigint"),
+            Column("creator", "text"),
+            Column("title", "text"),
+            Column("description", "text", nullable=True),
+            Column("category", "text"),
+            Column("tags", "text[]"),
+            Column("price", "numeric", scale=2),
+            Column("status", "text"),
+            Column("metadata", "jsonb"),
+            Column("createdAt", "timestamptz"),
+            Column("updatedAt", "timestamptz"),
+        ),
         clickhouse_table="contents",
         elasticsearch_index="knowton-contents",
         description="Published and draft content items with their price and creator.",
+        feeds=("user_activity", "content_sales_daily"),
     ),
     SyncedTable(
         name="Purchase",
         key=("id",),
+        columns=(
+            Column("id", "bigint"),
+            Column("contentId", "bigint"),
+            Column("buyer", "text"),
+            Column("amount", "numeric", scale=6),
+            Column("currency", "text"),
+            Column("txHash", "text", nullable=True),
+            Column("status", "text"),
+            Column("createdAt", "timestamptz"),
+            Column("updatedAt", "timestamptz"),
+        ),
         clickhouse_table="purchases",
         elasticsearch_index=None,
         description="Purchases of content by users, with amount, currency and on-chain transaction hash.",
+        feeds=("user_activity", "content_sales_daily"),
     ),
 )
 
@@ -61,6 +137,7 @@ HEARTBEAT = SyncedTable(
     name="heartbeat",
     schema="ops",
     key=("id",),
+    columns=(Column("id", "int"), Column("ts", "timestamptz")),
     clickhouse_table="cdc_heartbeat",
     elasticsearch_index=None,
     description="Debezium heartbeat row, upserted every few seconds to keep the slot moving.",

@@ -25,18 +25,21 @@ class PostgresResource(dg.ConfigurableResource):
     user: str
     password: str
 
+    def conninfo(self) -> dict[str, object]:
+        """Keyword arguments for `psycopg.connect`, for library code that opens its own connections."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "user": self.user,
+            "password": self.password,
+            "connect_timeout": 10,
+            "application_name": "knowton-pipeline",
+        }
+
     @contextmanager
     def get_connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(
-            host=self.host,
-            port=self.port,
-            dbname=self.dbname,
-            user=self.user,
-            password=self.password,
-            autocommit=autocommit,
-            connect_timeout=10,
-            application_name="knowton-pipeline",
-        ) as conn:
+        with psycopg.connect(**self.conninfo(), autocommit=autocommit) as conn:  # type: ignore[arg-type]
             yield conn
 
 

@@ -1,0 +1,1 @@
+"""ClickHouse: the mirror tables and the daily aggregates computed from them."""

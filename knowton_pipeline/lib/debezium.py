@@ -1,0 +1,419 @@
+"""Decode Debezium change events from the `cdc-<Table>` topics into typed rows: the one place that knows how the
+connector encodes values (JsonConverter without schemas, decimals as strings, timestamps as ISO-8601 strings).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
+from knowton_pipeline.catalog import table as catalog_table
+from knowton_pipeline.lib.transform import decimal_text, exact_decimal, format_timestamp
+
+OPS = ("c", "u", "d", "r")
+_MISSING: Any = object()
+_INT_RANGES = {"int": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
+# Debezium's ZonedTimestamp: ISO-8601 with 0-9 fraction digits, normally "Z" (any offset is accepted).
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:(Z)|([+-])(\d{2}):(\d{2}))",
+)
+
+
+class MalformedEventError(ValueError):
+    """The record can never be applied, however often it is retried: a poison record for the DLQ.
+
+    Messages name the table, the column or envelope field, what was expected and the JSON type that arrived,
+    never a value: rows hold personal data and these messages end up in logs and DLQ headers.
+    """
+
+    def __init__(self, message: str, *, column: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """One decoded change to one row.
+
+    `before` and `after` are keyed by PostgreSQL column name and Python-typed. `lsn` is `source.lsn`, the version
+    every write of this change carries; `ts_ms` is when PostgreSQL committed it (`source.ts_ms`).
+    """
+
+    table: SyncedTable
+    op: str  # "c" insert, "u" update, "d" delete, "r" snapshot read
+    key: tuple[Any, ...]  # typed values, in `table.key` order
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    lsn: int
+    ts_ms: int
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if (self.before if self.op == "d" else self.after) is None:
+            raise ValueError(f"a {self.op!r} event needs its {'before' if self.op == 'd' else 'after'} row")
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "d"
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The row this change leaves behind, or for a delete the row it removed."""
+        row = self.before if self.op == "d" else self.after
+        assert row is not None  # guaranteed by __post_init__
+        return row
+
+
+class _Refused(Exception):
+    """A column value the decoder cannot accept; the message says why, without the value."""
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-type decoders: Debezium JSON value in, Python value out.
+
+
+def _decode_text(value: Any) -> str:
+    if type(value) is not str:
+        raise _Refused(f"expected a string, got {_json_type(value)}")
+    return value
+
+
+def _integer_decoder(column_type: str) -> Callable[[Any], int]:
+    low, high = _INT_RANGES[column_type]
+
+    def decode(value: Any) -> int:
+        # type() rather than isinstance(): JSON true must not pass as 1.
+        if type(value) is not int:
+            raise _Refused(f"expected an integer, got {_json_type(value)}")
+        if not low <= value <= high:
+            raise _Refused(f"integer out of {column_type} range")
+        return value
+
+    return decode
+
+
+def _decode_bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _Refused(f"expected a boolean, got {_json_type(value)}")
+    return value
+
+
+def _numeric_decoder(scale: int) -> Callable[[Any], Any]:
+    def decode(value: Any) -> Any:
+        # decimal.handling.mode=string: a JSON number would mean the connector sends doubles, which are inexact.
+        if type(value) is not str:
+            raise _Refused(f"expected a decimal string, got {_json_type(value)}")
+        try:
+            return exact_decimal(value, scale)
+        except ValueError as exc:
+            raise _Refused(f"decimal string {exc} (numeric scale {scale})") from None
+
+    return decode
+
+
+def _decode_timestamptz(value: Any) -> datetime:
+    if type(value) is not str:
+        raise _Refused(f"expected an ISO-8601 timestamp string, got {_json_type(value)}")
+    match = _TIMESTAMP.fullmatch(value)
+    if match is None:
+        raise _Refused("expected an ISO-8601 timestamp string with a zone, got a string that does not parse")
+    year, month, day, hour, minute, second, fraction, zulu, sign, offset_h, offset_m = match.groups()
+    fraction = fraction or ""
+    if fraction[6:].strip("0"):
+        # PostgreSQL keeps microseconds, so finer digits mean something else produced the value; rounding
+        # them away would hide that.
+        raise _Refused("timestamp has sub-microsecond digits")
+    try:
+        tz = UTC
+        if not zulu:
+            offset = timedelta(hours=int(offset_h), minutes=int(offset_m))
+            tz = timezone(-offset if sign == "-" else offset)
+        parsed = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int(fraction[:6].ljust(6, "0")),
+            tzinfo=tz,
+        )
+        return parsed if zulu else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise _Refused("timestamp is not a valid date and time") from None
+
+
+def _decode_text_array(value: Any) -> list[str]:
+    if type(value) is not list:
+        raise _Refused(f"expected an array of strings, got {_json_type(value)}")
+    for item in value:
+        # A NULL element is legal in PostgreSQL but ClickHouse's Array(String) cannot hold it.
+        if type(item) is not str:
+            raise _Refused(f"expected an array of strings, got an array containing {_json_type(item)}")
+    return value
+
+
+def _refuse_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError("number out of float range")
+    return number
+
+
+def _decode_jsonb(value: Any) -> Any:
+    # Debezium sends jsonb as its JSON text inside a JSON string, not as a nested object.
+    if type(value) is not str:
+        raise _Refused(f"expected JSON text in a string, got {_json_type(value)}")
+    try:
+        return json.loads(value, parse_constant=_refuse_json_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise _Refused("expected JSON text in a string, got a string that is not valid JSON") from None
+
+
+def _decoder(column: Column) -> Callable[[Any], Any]:
+    if column.type in _INT_RANGES:
+        return _integer_decoder(column.type)
+    if column.type == "numeric":
+        return _numeric_decoder(column.scale or 0)
+    return {
+        "text": _decode_text,
+        "bool": _decode_bool,
+        "timestamptz": _decode_timestamptz,
+        "text[]": _decode_text_array,
+        "jsonb": _decode_jsonb,
+    }[column.type]
+
+
+@dataclass(frozen=True)
+class _ColumnCodec:
+    name: str
+    nullable: bool
+    decode: Callable[[Any], Any]
+    encode: Callable[[Any], Any]
+    # None in a NOT NULL jsonb column can only be JSON null ('null'::jsonb), which travels as the text "null".
+    json_null: bool
+
+
+def _encoder(column: Column) -> Callable[[Any], Any]:
+    if column.type == "numeric":
+        scale = column.scale or 0
+        return lambda v: decimal_text(v, scale)
+    if column.type == "timestamptz":
+        return format_timestamp
+    if column.type == "jsonb":
+        return _encode_jsonb
+    if column.type == "text[]":
+        return list
+    return lambda v: v
+
+
+def _encode_jsonb(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+# Keyed by id(): hashing a SyncedTable hashes every column on each call. Each entry keeps its table alive, so an
+# id is never reused for another table while its entry exists.
+_CODECS: dict[int, tuple[SyncedTable, tuple[_ColumnCodec, ...], dict[str, _ColumnCodec]]] = {}
+
+
+def _codecs(table: SyncedTable) -> tuple[tuple[_ColumnCodec, ...], dict[str, _ColumnCodec]]:
+    entry = _CODECS.get(id(table))
+    if entry is None or entry[0] is not table:
+        codecs = tuple(
+            _ColumnCodec(c.name, c.nullable, _decoder(c), _encoder(c), c.type == "jsonb" and not c.nullable)
+            for c in table.columns
+        )
+        entry = (table, codecs, {c.name: c for c in codecs})
+        _CODECS[id(table)] = entry
+    return entry[1], entry[2]
+
+
+def _decode_value(table: SyncedTable, codec: _ColumnCodec, value: Any, where: str = "") -> Any:
+    if value is None:
+        if codec.nullable:
+            return None
+        raise MalformedEventError(f"{where}{table.name}.{codec.name}: null in a NOT NULL column", column=codec.name)
+    try:
+        return codec.decode(value)
+    except _Refused as exc:
+        raise MalformedEventError(f"{where}{table.name}.{codec.name}: {exc}", column=codec.name) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def decode_row(table: SyncedTable, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A Debezium row image (`before` or `after`) as a Python-typed dict keyed by PostgreSQL column name.
+
+    text -> str, int/bigint -> int, bool -> bool, numeric -> `Decimal` at the column's scale (refused if that
+    would drop digits), timestamptz -> UTC-aware `datetime` (refused if it has non-zero digits beyond
+    microseconds), text[] -> list[str], jsonb -> the parsed JSON value. NULL is accepted only in nullable columns;
+    the JSON value null ('null'::jsonb) in a NOT NULL jsonb column decodes to None too, the only thing None can
+    mean there.
+
+    Every catalog column must be present. Columns the catalog does not know are ignored on purpose: a column
+    added in PostgreSQL is schema drift, reported by the schema checks, and must not stop the sync of the
+    columns we do know. Raises `MalformedEventError`.
+    """
+    if not isinstance(raw, Mapping):
+        raise MalformedEventError(f"{table.name}: expected a row object, got {_json_type(raw)}")
+    codecs, _ = _codecs(table)
+    row: dict[str, Any] = {}
+    for codec in codecs:
+        value = raw.get(codec.name, _MISSING)
+        if value is _MISSING:
+            raise MalformedEventError(f"{table.name}.{codec.name}: column missing from the row", column=codec.name)
+        row[codec.name] = _decode_value(table, codec, value)
+    return row
+
+
+def encode_row_like_debezium(table: SyncedTable, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `decode_row`: a Python-typed row as the connector would put it in `before`/`after`.
+
+    Decimal -> plain string at the column's scale, datetime -> ISO 8601 UTC with six fraction digits and "Z",
+    jsonb -> its JSON text (None in a NOT NULL jsonb column is JSON null), text[] -> list. Only catalog columns
+    are emitted, in catalog order.
+    """
+    codecs, _ = _codecs(table)
+    encoded: dict[str, Any] = {}
+    for codec in codecs:
+        value = row.get(codec.name, _MISSING)
+        if value is _MISSING:
+            raise ValueError(f"{table.name}.{codec.name}: column missing from the row")
+        if value is None and not codec.json_null:
+            encoded[codec.name] = None
+            continue
+        try:
+            encoded[codec.name] = codec.encode(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{table.name}.{codec.name}: {exc}") from None
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Events
+
+
+def table_for_topic(topic: str) -> SyncedTable:
+    """The catalog table a `cdc-<Table>` topic carries; `UnknownTableError` for any other topic."""
+    if not topic.startswith(TOPIC_PREFIX):
+        raise UnknownTableError(topic)
+    return catalog_table(topic[len(TOPIC_PREFIX) :])
+
+
+def _load_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # JSONDecodeError's own message carries only a position, never the document.
+        where = f" ({exc.msg} at position {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise MalformedEventError(f"{what} is not valid UTF-8 JSON{where}") from None
+
+
+def _describe_name(value: Any) -> str:
+    """A table name from the envelope, shown only when it looks like an identifier; otherwise just its type."""
+    if isinstance(value, str) and len(value) <= 63 and value.replace("_", "a").isalnum():
+        return repr(value)
+    return f"a {_json_type(value)}"
+
+
+def _decode_key(table: SyncedTable, key: bytes) -> tuple[Any, ...]:
+    raw = _load_json(key, f"{table.topic} key")
+    if not isinstance(raw, dict):
+        raise MalformedEventError(f"{table.topic} key: expected a JSON object, got {_json_type(raw)}")
+    _, by_name = _codecs(table)
+    values = []
+    for name in table.key:
+        if name not in raw:
+            raise MalformedEventError(f"{table.topic} key: {table.name}.{name} is missing", column=name)
+        values.append(_decode_value(table, by_name[name], raw[name], where="key: "))
+    return tuple(values)
+
+
+def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEvent | None:
+    """Decode one Kafka record from a `cdc-<Table>` topic; None for the tombstone that follows a delete.
+
+    Raises `UnknownTableError` (from the catalog) for a topic that is not `cdc-` plus a catalog table, and
+    `MalformedEventError` for a record that can never be applied: not JSON, an unknown `op`, no positive
+    `source.lsn`, a `source.table` other than the topic's, a c/u/r without `after`, a d without `before`, a row
+    that does not decode, or a Kafka key that disagrees with the row's key.
+    """
+    table = table_for_topic(topic)
+    if value is None:
+        return None
+    envelope = _load_json(value, f"{topic} value")
+    if not isinstance(envelope, dict):
+        raise MalformedEventError(f"{topic} value: expected a JSON object, got {_json_type(envelope)}")
+    if "op" not in envelope and "payload" in envelope and "schema" in envelope:
+        raise MalformedEventError(
+            f"{topic} value has a schema/payload envelope: the converter needs schemas.enable=false"
+        )
+
+    op = envelope.get("op")
+    if op not in OPS:
+        shown = repr(op) if isinstance(op, str) and len(op) <= 8 else f"a {_json_type(op)}"
+        raise MalformedEventError(f"{topic}: op must be one of {', '.join(OPS)}, got {shown}")
+
+    source = envelope.get("source")
+    if not isinstance(source, dict):
+        raise MalformedEventError(f"{topic}: source must be an object, got {_json_type(source)}")
+    lsn = source.get("lsn")
+    if type(lsn) is not int or lsn <= 0:
+        got = "a non-positive integer" if type(lsn) is int else _json_type(lsn)
+        raise MalformedEventError(f"{topic}: source.lsn must be a positive integer, got {got}")
+    if source.get("table") != table.name:
+        raise MalformedEventError(
+            f"{topic}: source.table is {_describe_name(source.get('table'))}, the topic carries {table.name!r}"
+        )
+    ts_ms = source.get("ts_ms", envelope.get("ts_ms"))
+    if type(ts_ms) is not int or ts_ms < 0:
+        raise MalformedEventError(f"{topic}: source.ts_ms must be a non-negative integer, got {_json_type(ts_ms)}")
+
+    raw_before, raw_after = envelope.get("before"), envelope.get("after")
+    if op == "d":
+        if raw_before is None:
+            raise MalformedEventError(f"{topic}: a delete needs before (REPLICA IDENTITY FULL), got null")
+        if raw_after is not None:
+            raise MalformedEventError(f"{topic}: a delete must have after null, got {_json_type(raw_after)}")
+        before, after = decode_row(table, raw_before), None
+        row = before
+    else:
+        if raw_after is None:
+            raise MalformedEventError(f"{topic}: op {op!r} needs after, got null")
+        after = decode_row(table, raw_after)
+        before = None if raw_before is None else decode_row(table, raw_before)
+        row = after
+
+    row_key = tuple(row[name] for name in table.key)
+    if key is not None and _decode_key(table, key) != row_key:
+        raise MalformedEventError(f"{topic}: the Kafka key disagrees with the row's key ({', '.join(table.key)})")
+    return ChangeEvent(table=table, op=op, key=row_key, before=before, after=after, lsn=lsn, ts_ms=ts_ms)

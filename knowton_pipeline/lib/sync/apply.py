@@ -1,0 +1,299 @@
+"""CDC apply: consume the cdc-* topics, write ClickHouse and Elasticsearch in batches, then commit.
+
+At-least-once and nothing lost (DESIGN.md principle 4): offsets are committed only after every
+record of a batch is written or durably dead-lettered; a store that is down is retried with backoff
+and never dead-letters anything; only records that can never be applied go to the DLQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from elasticsearch import Elasticsearch
+
+from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
+from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
+from knowton_pipeline.lib.sync import dlq
+from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
+from knowton_pipeline.lib.sync.source import content_items, contents_by_creators
+from knowton_pipeline.lib.sync.writers import (
+    ClickHouseWriter,
+    ElasticsearchWriter,
+    TransientStoreError,
+    WriteItem,
+    WriteOutcome,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "knowton-sync"
+TARGETS = ("clickhouse", "elasticsearch")
+
+
+class StoreUnavailableError(RuntimeError):
+    """A store stayed unavailable past the retry budget; nothing was committed or dead-lettered."""
+
+
+@dataclass
+class ApplyStats:
+    events: int = 0
+    tombstones: int = 0
+    clickhouse_rows: int = 0
+    elasticsearch_docs: int = 0
+    stale: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0))
+    retries: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    lag: int = 0
+    per_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def summary(self) -> str:
+        rate = self.events / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.events} events in {self.batches} batches ({rate:,.0f}/s): {self.clickhouse_rows} ClickHouse rows, "
+            f"{self.elasticsearch_docs} Elasticsearch documents, {self.stale} stale writes refused, "
+            f"dead-lettered {self.dead_lettered}, {self.retries} retries, lag {self.lag}"
+        )
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    bootstrap: str
+    group_id: str = DEFAULT_GROUP
+    topics: tuple[str, ...] = tuple(t.topic for t in CDC_TABLES)
+    batch_size: int = 2000
+    max_retry_seconds: float = 300.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 15.0
+
+
+def backoff_delays(initial: float, maximum: float) -> Any:
+    delay = initial
+    while True:
+        yield delay
+        delay = min(delay * 2, maximum)
+
+
+class CdcApplier:
+    def __init__(
+        self,
+        config: ApplyConfig,
+        *,
+        clickhouse: ClickHouseClient,
+        es: Elasticsearch,
+        pg_conninfo: Mapping[str, Any],
+        on_progress: Callable[[ApplyStats], None] | None = None,
+    ):
+        self.config = config
+        self.ch_writer = ClickHouseWriter(clickhouse)
+        self.es_writer = ElasticsearchWriter(es)
+        self.pg_conninfo = dict(pg_conninfo)
+        self.on_progress = on_progress
+        self.producer = dlq.make_producer(config.bootstrap)
+        self._pg: psycopg.Connection | None = None
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                "bootstrap.servers": self.config.bootstrap,
+                "group.id": self.config.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "max.poll.interval.ms": 1_800_000,  # a batch may wait out a store outage
+                "session.timeout.ms": 45_000,
+            }
+        )
+
+    def _pg_conn(self) -> psycopg.Connection:
+        if self._pg is None or self._pg.closed:
+            self._pg = psycopg.connect(**self.pg_conninfo)  # type: ignore[arg-type]
+        return self._pg
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(
+        self, *, until_caught_up: bool = True, max_seconds: float | None = None, stop: threading.Event | None = None
+    ) -> ApplyStats:
+        stats = ApplyStats()
+        t0 = time.monotonic()
+        consumer = self._consumer()
+        assigned = threading.Event()
+        consumer.subscribe(list(self.config.topics), on_assign=lambda c, parts: assigned.set())
+        try:
+            while not (stop and stop.is_set()):
+                if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+                    break
+                msgs = consumer.consume(num_messages=self.config.batch_size, timeout=0.5)
+                msgs = [m for m in msgs if not _is_eof_or_error(m)]
+                if msgs:
+                    self._apply_with_retry(consumer, msgs, stats)
+                    stats.seconds = time.monotonic() - t0
+                    stats.lag = consumer_lag(consumer)
+                    if self.on_progress:
+                        self.on_progress(stats)
+                elif until_caught_up and assigned.is_set():
+                    stats.lag = consumer_lag(consumer)
+                    if stats.lag == 0:
+                        break
+        finally:
+            stats.seconds = time.monotonic() - t0
+            consumer.close()
+            if self._pg is not None:
+                self._pg.close()
+        return stats
+
+    def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
+        started = time.monotonic()
+        delays = backoff_delays(self.config.backoff_initial, self.config.backoff_max)
+        while True:
+            try:
+                self.apply_batch(msgs, stats)
+                commit(consumer, msgs)
+                stats.batches += 1
+                return
+            except (TransientStoreError, dlq.DlqPublishError, psycopg.OperationalError, KafkaException) as exc:
+                if self._pg is not None and self._pg.closed is False and isinstance(exc, psycopg.OperationalError):
+                    self._pg.close()
+                elapsed = time.monotonic() - started
+                if elapsed > self.config.max_retry_seconds:
+                    raise StoreUnavailableError(
+                        f"gave up after {elapsed:.0f} s of retries, nothing committed or dead-lettered: {exc}"
+                    ) from exc
+                stats.retries += 1
+                delay = next(delays)
+                log.warning("batch of %d records not applied (%s); retrying in %.1f s", len(msgs), exc, delay)
+                time.sleep(delay)
+
+    # --- one batch -------------------------------------------------------------------------
+    def apply_batch(self, msgs: Sequence[Message], stats: ApplyStats) -> None:
+        """Write one batch to both targets and dead-letter its poison records. Idempotent."""
+        events: list[tuple[ChangeEvent, Message]] = []
+        letters: list[dlq.DeadLetter] = []
+        for msg in msgs:
+            try:
+                event = decode_event(msg.topic(), msg.key(), msg.value())
+            except (MalformedEventError, UnknownTableError) as exc:
+                letters += [dlq.DeadLetter.from_failure(t, msg, exc) for t in TARGETS]
+                continue
+            if event is None:
+                stats.tombstones += 1
+                continue
+            events.append((event, msg))
+
+        ch_items = [WriteItem(e.table, e.row, e.lsn, e.is_delete, (m,)) for e, m in events]
+        ch_out = self.ch_writer.write(ch_items)
+        letters += _letters("clickhouse", ch_out)
+
+        es_items = self.elasticsearch_items(events)
+        es_out = self.es_writer.write(es_items)
+        letters += _letters("elasticsearch", es_out)
+
+        dlq.publish(self.producer, letters)
+        # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
+        stats.events += len(events)
+        stats.clickhouse_rows += ch_out.written
+        stats.elasticsearch_docs += es_out.written
+        stats.stale += ch_out.stale + es_out.stale
+        for letter in letters:
+            stats.dead_lettered[letter.target] += 1
+        for e, _ in events:
+            stats.per_table[e.table.name] += 1
+
+    def elasticsearch_items(self, events: Sequence[tuple[ChangeEvent, Message]]) -> list[WriteItem]:
+        """User documents come from the event; Content documents, which carry the creator's username and
+        the sales count, are re-read from PostgreSQL whenever anything they show changed."""
+        items: list[WriteItem] = []
+        content_sources: dict[int, list[Message]] = defaultdict(list)
+        creators: dict[str, list[Message]] = defaultdict(list)
+        for e, m in events:
+            name = e.table.name
+            if name == "User":
+                items.append(WriteItem(e.table, e.row, e.lsn, e.is_delete, (m,)))
+                before, after = e.before or {}, e.after or {}
+                if e.op == "u" and before.get("username") != after.get("username"):
+                    creators[e.row["address"]].append(m)
+            elif name == "Content":
+                content_sources[e.row["id"]].append(m)
+            elif name == "Purchase":
+                for image in (e.before, e.after):
+                    if image:
+                        content_sources[image["contentId"]].append(m)
+        if not content_sources and not creators:
+            return items
+        conn = self._pg_conn()
+        for content_id, creator in contents_by_creators(conn, list(creators)):
+            content_sources[content_id].extend(creators[creator])
+        conn.commit()
+        with consistent_snapshot(conn) as lsn:
+            items += content_items(
+                conn, content_sources, version=lsn, sources={k: tuple(v) for k, v in content_sources.items()}
+            )
+        return items
+
+
+def _letters(target: str, outcome: WriteOutcome) -> list[dlq.DeadLetter]:
+    letters = []
+    for item, exc in outcome.poison:
+        letters += [dlq.DeadLetter.from_failure(target, m, exc) for m in item.sources]
+    return letters
+
+
+def _is_eof_or_error(msg: Message) -> bool:
+    err = msg.error()
+    if err is None:
+        return False
+    log.warning("consumer error: %s", err)
+    return True
+
+
+def commit(consumer: Consumer, msgs: Sequence[Message]) -> None:
+    """Commit, synchronously, the offset after the last record of each partition in the batch."""
+    last: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        key = (m.topic(), m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False)
+
+
+def consumer_lag(consumer: Consumer) -> int:
+    """Records between this consumer's position and the end of its assigned partitions."""
+    parts = consumer.assignment()
+    if not parts:
+        return 0
+    total = 0
+    for tp in consumer.position(parts):
+        _, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+        pos = tp.offset if tp.offset >= 0 else consumer.committed([tp], timeout=5)[0].offset
+        if pos < 0:
+            low, _ = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            pos = low
+        total += max(0, high - pos)
+    return total
+
+
+def group_lag(bootstrap: str, group_id: str = DEFAULT_GROUP, topics: Sequence[str] | None = None) -> dict[str, int]:
+    """Per-topic lag of a consumer group from its committed offsets (cheap: for sensors)."""
+    topics = list(topics or [t.topic for t in CDC_TABLES])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(timeout=5).topics
+        parts = [TopicPartition(t, p) for t in topics if t in meta for p in meta[t].partitions]
+        committed = consumer.committed(parts, timeout=5) if parts else []
+        lag: dict[str, int] = defaultdict(int)
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5)
+            pos = tp.offset if tp.offset >= 0 else low
+            lag[tp.topic] += max(0, high - pos)
+        return dict(lag)
+    finally:
+        consumer.close()
