@@ -47,9 +47,12 @@ def pid_alive(pid: int, marker: str | None = None) -> bool:
         return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        # A launcher script shows the marker only once it execs the server; its working folder, set
+        # by spawn(), shows it from the start.
+        cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
     except OSError:
         return False
-    return marker in cmdline
+    return marker in cmdline or cwd.startswith(marker)
 
 
 def processes_mentioning(marker: str) -> list[int]:

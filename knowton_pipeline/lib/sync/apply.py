@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
@@ -101,6 +101,7 @@ class CdcApplier:
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
         self._pg: psycopg.Connection | None = None
+        self._positions: dict[tuple[str, int], int] = {}
 
     # --- plumbing --------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
@@ -128,7 +129,13 @@ class CdcApplier:
         t0 = time.monotonic()
         consumer = self._consumer()
         assigned = threading.Event()
-        consumer.subscribe(list(self.config.topics), on_assign=lambda c, parts: assigned.set())
+        if until_caught_up:
+            # A run that stops when caught up takes its partitions directly from the group's committed
+            # offsets: no rebalance to wait for. A long-running worker joins the group instead.
+            consumer.assign(self._committed_positions(consumer))
+            assigned.set()
+        else:
+            consumer.subscribe(list(self.config.topics), on_assign=lambda c, parts: assigned.set())
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -138,11 +145,11 @@ class CdcApplier:
                 if msgs:
                     self._apply_with_retry(consumer, msgs, stats)
                     stats.seconds = time.monotonic() - t0
-                    stats.lag = consumer_lag(consumer)
+                    stats.lag = consumer_lag(consumer, self._positions)
                     if self.on_progress:
                         self.on_progress(stats)
                 elif until_caught_up and assigned.is_set():
-                    stats.lag = consumer_lag(consumer)
+                    stats.lag = consumer_lag(consumer, self._positions)
                     if stats.lag == 0:
                         break
         finally:
@@ -152,13 +159,27 @@ class CdcApplier:
                 self._pg.close()
         return stats
 
+    def _committed_positions(self, consumer: Consumer) -> list[TopicPartition]:
+        meta = consumer.list_topics(timeout=10).topics
+        missing = [t for t in self.config.topics if t not in meta or meta[t].error is not None]
+        if missing:
+            raise StoreUnavailableError(f"topic(s) {', '.join(missing)} do not exist; run `knowton schema apply`")
+        parts = [TopicPartition(t, p) for t in self.config.topics for p in meta[t].partitions]
+        committed = consumer.committed(parts, timeout=10)
+        self._positions.update({(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0})
+        return [
+            TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            for tp in committed
+        ]
+
     def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
         started = time.monotonic()
         delays = backoff_delays(self.config.backoff_initial, self.config.backoff_max)
         while True:
             try:
                 self.apply_batch(msgs, stats)
-                commit(consumer, msgs)
+                for (topic, partition), offset in commit(consumer, msgs).items():
+                    self._positions[(topic, partition)] = offset
                 stats.batches += 1
                 return
             except (TransientStoreError, dlq.DlqPublishError, psycopg.OperationalError, KafkaException) as exc:
@@ -256,28 +277,31 @@ def _is_eof_or_error(msg: Message) -> bool:
     return True
 
 
-def commit(consumer: Consumer, msgs: Sequence[Message]) -> None:
-    """Commit, synchronously, the offset after the last record of each partition in the batch."""
-    last: dict[tuple[str, int], int] = {}
+def commit(consumer: Consumer, msgs: Sequence[Message]) -> dict[tuple[str, int], int]:
+    """Commit, synchronously, the offset after the last record of each partition; returns those offsets."""
+    after: dict[tuple[str, int], int] = {}
     for m in msgs:
         key = (m.topic(), m.partition())
-        last[key] = max(last.get(key, -1), m.offset())
-    consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False)
+        after[key] = max(after.get(key, 0), m.offset() + 1)
+    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in after.items()], asynchronous=False)
+    return after
 
 
-def consumer_lag(consumer: Consumer) -> int:
-    """Records between this consumer's position and the end of its assigned partitions."""
-    parts = consumer.assignment()
-    if not parts:
-        return 0
+def consumer_lag(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> int:
+    """Records between `positions` (the next offset to apply, per partition) and the partitions' ends.
+
+    Positions are tracked by the applier itself: asking the broker for committed offsets partition by
+    partition costs a round trip each, which made every idle check take seconds.
+    """
     total = 0
-    for tp in consumer.position(parts):
-        _, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-        pos = tp.offset if tp.offset >= 0 else consumer.committed([tp], timeout=5)[0].offset
-        if pos < 0:
-            low, _ = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            pos = low
-        total += max(0, high - pos)
+    for tp in consumer.assignment():
+        # Fetch responses keep the cached watermarks current; an uncached query queues behind the
+        # consumer's long-poll fetch and costs up to fetch.wait.max.ms per partition.
+        low, high = consumer.get_watermark_offsets(tp, cached=True)
+        if high < 0:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+        pos = positions.get((tp.topic, tp.partition), low)
+        total += max(0, high - max(pos, low))
     return total
 
 
