@@ -1,7 +1,7 @@
 """A PostgreSQL read snapshot paired with an LSN that is safe to version its rows with.
 
-Every transaction whose commit record lies at or before the returned LSN is visible in the snapshot,
-so a row written with that LSN as its version can never hide a change the snapshot did not see:
+Every change the snapshot holds has a lower LSN than the returned one and every change it misses a
+higher one, so a row written with that version can never hide a change the snapshot did not see:
 that change's own event carries a higher LSN and wins (DESIGN.md principle 3).
 """
 
@@ -50,7 +50,10 @@ def consistent_snapshot(conn: psycopg.Connection, *, wait_seconds: float = 60.0)
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute("SELECT 1")  # the snapshot is taken by the transaction's first statement
         try:
-            yield int(lsn)
+            # A change the snapshot misses starts at or after `lsn` (the very next WAL record can
+            # start exactly there), and one it holds starts well before it: one byte less orders
+            # the snapshot strictly between them, so a tie can never let a stale row win.
+            yield int(lsn) - 1
         finally:
             conn.rollback()
     finally:
