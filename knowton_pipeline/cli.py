@@ -99,6 +99,40 @@ def _seed_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _sync_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from elasticsearch import Elasticsearch
+
+    from knowton_pipeline.lib import clickhouse
+    from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcApplier
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if settings.clickhouse_dsn.startswith("chdb://") and not args.once:
+        print(
+            "note: the embedded ClickHouse stays open in this worker while it runs, so Dagster runs that "
+            "use ClickHouse wait for it to stop; with a ClickHouse server (http://...) they do not.",
+            file=sys.stderr,
+        )
+    es = Elasticsearch(settings.es_url, request_timeout=60)
+    try:
+        applier = CdcApplier(
+            ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=args.batch_size),
+            clickhouse=clickhouse.get_client(settings.clickhouse_dsn),
+            es=es,
+            pg_conninfo=settings.pg_conninfo(),
+            on_progress=lambda stats: print(stats.summary(), flush=True),
+        )
+        stats = applier.run(until_caught_up=args.once, stop=stop)
+    finally:
+        es.close()
+    print(f"stopped: {stats.summary()}")
+    return 0
+
+
 def _env_cmd(args: argparse.Namespace, settings: Settings) -> int:
     env = settings.export_env(include_secrets=True)
     env["DAGSTER_HOME"] = str(settings.dagster_home)
@@ -138,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--if-empty", action="store_true", help="do nothing when the tables already hold data")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.set_defaults(func=_seed_cmd)
+
+    sy = sub.add_parser("sync", help="apply CDC events to ClickHouse and Elasticsearch (the worker)")
+    sy.add_argument("action", choices=["run"])
+    sy.add_argument("--once", action="store_true", help="stop when caught up instead of running until stopped")
+    sy.add_argument("--batch-size", type=int, default=2000)
+    sy.set_defaults(func=_sync_cmd)
 
     en = sub.add_parser("env", help="print `export` lines for the settings (for dagster commands)")
     en.set_defaults(func=_env_cmd)

@@ -25,8 +25,10 @@ def test_definitions_are_loadable() -> None:
 def test_asset_keys_snapshot() -> None:
     keys = sorted(k.to_user_string() for k in _defs().resolve_all_asset_keys())
     assert keys == [
+        "clickhouse/knowton/content_sales_daily",
         "clickhouse/knowton/contents",
         "clickhouse/knowton/purchases",
+        "clickhouse/knowton/user_activity",
         "clickhouse/knowton/users",
         "elasticsearch/knowton-contents",
         "elasticsearch/knowton-users",
@@ -34,6 +36,9 @@ def test_asset_keys_snapshot() -> None:
         "kafka/topics/cdc-Purchase",
         "kafka/topics/cdc-User",
         "kafka/topics/cdc-heartbeat",
+        "kafka/topics/dlq-clickhouse-failed",
+        "kafka/topics/dlq-elasticsearch-failed",
+        "kafka/topics/dlq-parked",
         "postgres/ops/heartbeat",
         "postgres/public/Content",
         "postgres/public/Purchase",
@@ -52,7 +57,8 @@ def test_each_cdc_topic_is_downstream_of_its_postgres_table() -> None:
 def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
     d = _defs()
     jobs = {j.name for j in d.resolve_all_job_defs() if not j.name.startswith("__")}
-    assert jobs == {"apply_cdc", "apply_schemas", "deploy_connectors"}
+    assert jobs == {"apply_cdc", "apply_schemas", "deploy_connectors", "reprocess_dlq"}
+    assert d.resolve_job_def("reprocess_dlq").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("apply_cdc").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     schema_job = d.resolve_job_def("apply_schemas")
     pools = {n.name: n.definition.pool for n in schema_job.nodes}  # type: ignore[union-attr]
@@ -74,8 +80,9 @@ def test_mirrors_sit_downstream_of_their_topic_and_contents_index_of_users_and_p
 def test_sensors_snapshot() -> None:
     d = _defs()
     sensors = {s.name: d.resolve_sensor_def(s.name) for s in d.sensors or []}
-    assert set(sensors) == {"cdc_lag_sensor"}
-    assert sensors["cdc_lag_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert set(sensors) == {"cdc_lag_sensor", "dlq_sensor"}
+    for sensor in sensors.values():
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_dagster_yaml_keeps_clickhouse_runs_from_overlapping_and_stores_runs_in_postgres() -> None:

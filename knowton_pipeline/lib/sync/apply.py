@@ -135,7 +135,13 @@ class CdcApplier:
             consumer.assign(self._committed_positions(consumer))
             assigned.set()
         else:
-            consumer.subscribe(list(self.config.topics), on_assign=lambda c, parts: assigned.set())
+
+            def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
+                committed = c.committed(parts, timeout=10)
+                self._positions.update({(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0})
+                assigned.set()
+
+            consumer.subscribe(list(self.config.topics), on_assign=on_assign)
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -211,7 +217,7 @@ class CdcApplier:
                 continue
             events.append((event, msg))
 
-        ch_items = [WriteItem(e.table, e.row, e.lsn, e.is_delete, (m,)) for e, m in events]
+        ch_items = clickhouse_items(events)
         ch_out = self.ch_writer.write(ch_items)
         letters += _letters("clickhouse", ch_out)
 
@@ -231,35 +237,47 @@ class CdcApplier:
             stats.per_table[e.table.name] += 1
 
     def elasticsearch_items(self, events: Sequence[tuple[ChangeEvent, Message]]) -> list[WriteItem]:
-        """User documents come from the event; Content documents, which carry the creator's username and
-        the sales count, are re-read from PostgreSQL whenever anything they show changed."""
-        items: list[WriteItem] = []
-        content_sources: dict[int, list[Message]] = defaultdict(list)
-        creators: dict[str, list[Message]] = defaultdict(list)
-        for e, m in events:
-            name = e.table.name
-            if name == "User":
-                items.append(WriteItem(e.table, e.row, e.lsn, e.is_delete, (m,)))
-                before, after = e.before or {}, e.after or {}
-                if e.op == "u" and before.get("username") != after.get("username"):
-                    creators[e.row["address"]].append(m)
-            elif name == "Content":
-                content_sources[e.row["id"]].append(m)
-            elif name == "Purchase":
-                for image in (e.before, e.after):
-                    if image:
-                        content_sources[image["contentId"]].append(m)
-        if not content_sources and not creators:
-            return items
-        conn = self._pg_conn()
-        for content_id, creator in contents_by_creators(conn, list(creators)):
-            content_sources[content_id].extend(creators[creator])
-        conn.commit()
-        with consistent_snapshot(conn) as lsn:
-            items += content_items(
-                conn, content_sources, version=lsn, sources={k: tuple(v) for k, v in content_sources.items()}
-            )
+        return elasticsearch_items(events, self._pg_conn)
+
+
+def clickhouse_items(events: Sequence[tuple[ChangeEvent, Any]]) -> list[WriteItem]:
+    """Mirror rows straight from the events, each versioned with its own LSN."""
+    return [WriteItem(e.table, e.row, e.lsn, e.is_delete, (source,)) for e, source in events]
+
+
+def elasticsearch_items(
+    events: Sequence[tuple[ChangeEvent, Any]], pg_conn: Callable[[], psycopg.Connection]
+) -> list[WriteItem]:
+    """User documents come from the event; Content documents, which carry the creator's username and
+    the sales count, are re-read from PostgreSQL whenever anything they show changed, in a consistent
+    snapshot whose LSN versions them. `source` is what to dead-letter if an item turns out poison."""
+    items: list[WriteItem] = []
+    content_sources: dict[int, list[Any]] = defaultdict(list)
+    creators: dict[str, list[Any]] = defaultdict(list)
+    for e, source in events:
+        name = e.table.name
+        if name == "User":
+            items.append(WriteItem(e.table, e.row, e.lsn, e.is_delete, (source,)))
+            before, after = e.before or {}, e.after or {}
+            if e.op == "u" and before.get("username") != after.get("username"):
+                creators[e.row["address"]].append(source)
+        elif name == "Content":
+            content_sources[e.row["id"]].append(source)
+        elif name == "Purchase":
+            for image in (e.before, e.after):
+                if image:
+                    content_sources[image["contentId"]].append(source)
+    if not content_sources and not creators:
         return items
+    conn = pg_conn()
+    for content_id, creator in contents_by_creators(conn, list(creators)):
+        content_sources[content_id].extend(creators[creator])
+    conn.commit()
+    with consistent_snapshot(conn) as lsn:
+        items += content_items(
+            conn, content_sources, version=lsn, sources={k: tuple(v) for k, v in content_sources.items()}
+        )
+    return items
 
 
 def _letters(target: str, outcome: WriteOutcome) -> list[dlq.DeadLetter]:

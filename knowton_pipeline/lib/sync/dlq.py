@@ -42,6 +42,7 @@ class DeadLetter:
     error_message: str
     attempts: int = 1
     first_failure_ms: int = 0
+    last_failure_ms: int = 0
 
     @classmethod
     def from_failure(cls, target: str, msg: Message, exc: BaseException) -> DeadLetter:
@@ -56,12 +57,14 @@ class DeadLetter:
             error_message=str(exc)[:MAX_MESSAGE_CHARS],
             attempts=1,
             first_failure_ms=int(time.time() * 1000),
+            last_failure_ms=int(time.time() * 1000),
         )
 
     @classmethod
     def from_dlq_message(cls, msg: Message, *, default_target: str) -> DeadLetter:
         """Read a DLQ record written by this project or by a Kafka Connect sink."""
         h = {k: (v.decode(errors="replace") if v is not None else "") for k, v in (msg.headers() or [])}
+        first = int(h.get(H_FIRST_FAILURE) or (msg.timestamp()[1] or 0))
         return cls(
             target=h.get(H_TARGET) or default_target,
             topic=h.get(H_TOPIC, ""),
@@ -72,7 +75,8 @@ class DeadLetter:
             error_class=h.get(H_CLASS, ""),
             error_message=h.get(H_MESSAGE, ""),
             attempts=int(h.get(H_ATTEMPTS) or 1),
-            first_failure_ms=int(h.get(H_FIRST_FAILURE) or (msg.timestamp()[1] or 0)),
+            first_failure_ms=first,
+            last_failure_ms=int(h.get(H_LAST_FAILURE) or first),
         )
 
     def retried(self, exc: BaseException) -> DeadLetter:
@@ -99,7 +103,7 @@ class DeadLetter:
             (H_TARGET, self.target.encode()),
             (H_ATTEMPTS, str(self.attempts).encode()),
             (H_FIRST_FAILURE, str(self.first_failure_ms).encode()),
-            (H_LAST_FAILURE, str(int(time.time() * 1000)).encode()),
+            (H_LAST_FAILURE, str(self.last_failure_ms or self.first_failure_ms).encode()),
         ]
 
 

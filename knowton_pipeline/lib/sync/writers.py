@@ -101,8 +101,10 @@ def _es_transient_status(status: int) -> bool:
 
 
 class ElasticsearchWriter:
-    def __init__(self, es: Elasticsearch):
+    def __init__(self, es: Elasticsearch, *, index_names: Mapping[str, str] | None = None):
+        """`index_names` maps an alias to another index to write to (a rebuild or a benchmark)."""
         self.es = es
+        self.index_names = dict(index_names or {})
 
     def write(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> WriteOutcome:
         out = WriteOutcome()
@@ -113,6 +115,7 @@ class ElasticsearchWriter:
             index = item.table.elasticsearch_index
             if index is None:
                 continue
+            index = self.index_names.get(index, index)
             try:
                 doc = to_es_document(
                     item.table,

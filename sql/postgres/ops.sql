@@ -1,0 +1,24 @@
+-- Tables the pipeline itself keeps in PostgreSQL, in schema ops. Idempotent.
+
+CREATE SCHEMA IF NOT EXISTS ops;
+
+-- DLQ records that failed their last replay attempt: parked for an operator, never dropped.
+-- One row per original record and target; parking the same record again updates it.
+CREATE TABLE IF NOT EXISTS ops.dlq_parked (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target           text        NOT NULL,
+    source_topic     text        NOT NULL,
+    source_partition integer     NOT NULL,
+    source_offset    bigint      NOT NULL,
+    record_key       bytea       NULL,
+    record_value     bytea       NULL,
+    error_class      text        NOT NULL,
+    error_message    text        NOT NULL,
+    attempts         integer     NOT NULL,
+    first_failure_at timestamptz NOT NULL,
+    parked_at        timestamptz NOT NULL DEFAULT now(),
+    resolved_at      timestamptz NULL,
+    UNIQUE (target, source_topic, source_partition, source_offset)
+);
+
+CREATE INDEX IF NOT EXISTS dlq_parked_unresolved ON ops.dlq_parked (parked_at) WHERE resolved_at IS NULL;
