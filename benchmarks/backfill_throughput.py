@@ -37,16 +37,17 @@ CHUNK = 5000
 ALL_TIME = (datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
 
 
-def finished_rows(conn: psycopg.Connection, t: SyncedTable) -> tuple[int, list[tuple[dict, dict]]]:
+def finished_rows(conn: psycopg.Connection, t: SyncedTable, enriched: bool) -> tuple[int, list[tuple[dict, dict]]]:
     from psycopg import sql
 
     with consistent_snapshot(conn) as lsn:
-        rows = [r for chunk in stream_rows(conn, t, sql.SQL("true"), (), chunk=CHUNK) for r in chunk]
+        stream = stream_rows(conn, t, sql.SQL("true"), (), chunk=CHUNK, enriched=enriched)
+        rows = [r for chunk in stream for r in chunk]
     return lsn, [split_enrichment(r) for r in rows]
 
 
 def bench_clickhouse(conn: psycopg.Connection, ch, t: SyncedTable, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    lsn, rows = finished_rows(conn, t)
+    lsn, rows = finished_rows(conn, t, enriched=False)
     finished = [to_clickhouse_row(t, row, version=lsn, deleted=False) for row, _ in rows]
     backfill, raw = [], []
     for _ in range(repeat):
@@ -64,7 +65,7 @@ def bench_clickhouse(conn: psycopg.Connection, ch, t: SyncedTable, repeat: int) 
 def bench_elasticsearch(conn: psycopg.Connection, es: Elasticsearch, t: SyncedTable, repeat: int) -> dict[str, float]:
     assert t.elasticsearch_index
     index = f"{t.elasticsearch_index}-bench"
-    lsn, rows = finished_rows(conn, t)
+    lsn, rows = finished_rows(conn, t, enriched=True)
     now = datetime.now(UTC)
     actions = [
         {

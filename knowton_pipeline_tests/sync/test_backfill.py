@@ -20,7 +20,13 @@ from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import backfill_range
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, WriteItem, WriteOutcome
+from knowton_pipeline.lib.sync.writers import (
+    ClickHouseWriter,
+    ElasticsearchWriter,
+    Prepared,
+    WriteItem,
+    WriteOutcome,
+)
 from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_content, insert_user
 
 USER = table("User")
@@ -36,12 +42,16 @@ class RacingWriter:
 
     def __init__(self, inner: ClickHouseWriter | ElasticsearchWriter, race: Callable[[], Any]):
         self.inner, self.race, self.raced = inner, race, False
+        self.enriched_rows = inner.enriched_rows
 
-    def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
+    def prepare(self, items: Sequence[WriteItem]) -> Prepared:
+        return self.inner.prepare(items)
+
+    def send(self, prepared: Prepared) -> WriteOutcome:
         if not self.raced:
             self.raced = True
             self.race()
-        return self.inner.write(items)
+        return self.inner.send(prepared)
 
 
 def writers(ch: ClickHouseClient, es: Elasticsearch) -> dict[str, ClickHouseWriter | ElasticsearchWriter]:

@@ -8,6 +8,9 @@ Streaming (server-side cursor, fixed-size chunks) keeps memory bounded whatever 
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ from psycopg import sql
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, WriteItem
+from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, Prepared, WriteItem
 from knowton_pipeline.lib.transform import document_id
 
 
@@ -57,25 +60,47 @@ def backfill_range(
     stats = BackfillStats()
     t0 = time.monotonic()
     where = sql.SQL("t.{created} >= %s AND t.{created} < %s").format(created=sql.Identifier(table.created_at))
-    with consistent_snapshot(conn) as lsn:
-        stats.snapshot_lsn = lsn
-        for rows in stream_rows(conn, table, where, (start, end), chunk=chunk):
-            items = []
-            for raw in rows:
-                row, enrichment = split_enrichment(raw)
-                items.append(
-                    WriteItem(
-                        table, row, lsn, False, (document_id(table, [row[k] for k in table.key]),), enrichment or None
-                    )
-                )
-            outcome = writer.write(items)
-            stats.rows += len(rows)
+    enriched = writer.enriched_rows
+    # Reading and transforming run on a second thread, one chunk ahead of the writes: the store's
+    # round trips and PostgreSQL's overlap instead of adding up. The queue bounds memory to a few chunks.
+    chunks: queue.Queue[tuple[int, Prepared] | BaseException | None] = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            with consistent_snapshot(conn) as lsn:
+                stats.snapshot_lsn = lsn
+                for rows in stream_rows(conn, table, where, (start, end), chunk=chunk, enriched=enriched):
+                    items = []
+                    for raw in rows:
+                        row, enrichment = split_enrichment(raw)
+                        source = document_id(table, [row[k] for k in table.key])
+                        items.append(WriteItem(table, row, lsn, False, (source,), enrichment or None))
+                    chunks.put((len(rows), writer.prepare(items)))
+            chunks.put(None)
+        except BaseException as exc:  # handed to the writing thread, which raises it
+            chunks.put(exc)
+
+    reader = threading.Thread(target=produce, name=f"backfill-{table.name}", daemon=True)
+    reader.start()
+    try:
+        while (got := chunks.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            n, prepared = got
+            outcome = writer.send(prepared)
+            stats.rows += n
             stats.written += outcome.written
             stats.stale += outcome.stale
             stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
             stats.seconds = time.monotonic() - t0
             if on_progress:
                 on_progress(stats)
+    finally:
+        # On an error here, drain so the reader can finish and release its snapshot.
+        while reader.is_alive():
+            with contextlib.suppress(queue.Empty):
+                chunks.get(timeout=0.1)
+        reader.join()
     stats.seconds = time.monotonic() - t0
     if stats.failed_keys:
         sample = ", ".join(stats.failed_keys[:20])

@@ -89,10 +89,18 @@ def contents_by_creators(conn: psycopg.Connection, addresses: Sequence[str]) -> 
 
 
 def stream_rows(
-    conn: psycopg.Connection, t: SyncedTable, where: sql.Composable, params: Sequence[Any], *, chunk: int = 5000
+    conn: psycopg.Connection,
+    t: SyncedTable,
+    where: sql.Composable,
+    params: Sequence[Any],
+    *,
+    chunk: int = 5000,
+    enriched: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows of `t` matching `where`, in chunks, through a server-side cursor (bounded memory)."""
-    if t.name == "Content":
+    """Rows of `t` matching `where`, in chunks, through a server-side cursor (bounded memory).
+
+    `enriched` adds what the table's search document shows from other tables (Content only)."""
+    if enriched and t.name == "Content":
         query = enriched_content_query(where)
     else:
         query = sql.SQL("SELECT {cols} FROM {tbl} t WHERE {where}").format(

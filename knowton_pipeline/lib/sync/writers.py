@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import elastic_transport
+import orjson
 from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import ApiError, Elasticsearch
@@ -45,11 +46,22 @@ class WriteOutcome:
     poison: list[tuple[WriteItem, BaseException]] = field(default_factory=list)
 
 
+@dataclass
+class Prepared:
+    """Transformed items ready to send, with the items that already failed their transform."""
+
+    outcome: WriteOutcome
+    payload: Any
+
+
 def _is_transient_clickhouse(exc: BaseException) -> bool:
     return isinstance(exc, ch_errors.OperationalError | ch_errors.StreamFailureError | ConnectionError | OSError)
 
 
 class ClickHouseWriter:
+    # Mirrors hold the row as it is; search documents also show fields of other tables.
+    enriched_rows = False
+
     def __init__(self, client: ClickHouseClient, database: str = CLICKHOUSE_DATABASE):
         self.client = client
         self.database = database
@@ -58,6 +70,10 @@ class ClickHouseWriter:
         self.client.insert(f"{self.database}.{table.clickhouse_table}", rows, column_names=clickhouse_columns(table))
 
     def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
+        return self.send(self.prepare(items))
+
+    def prepare(self, items: Sequence[WriteItem]) -> Prepared:
+        """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
         out = WriteOutcome()
         by_table: dict[str, list[tuple[WriteItem, list[Any]]]] = defaultdict(list)
         for item in items:
@@ -67,6 +83,10 @@ class ClickHouseWriter:
                 )
             except (ValueError, TypeError, KeyError) as exc:
                 out.poison.append((item, exc))
+        return Prepared(out, by_table)
+
+    def send(self, prepared: Prepared) -> WriteOutcome:
+        out, by_table = prepared.outcome, prepared.payload
         for pairs in by_table.values():
             table = pairs[0][0].table
             try:
@@ -96,20 +116,29 @@ class ClickHouseWriter:
         return out
 
 
+BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
+
+
 def _es_transient_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
 class ElasticsearchWriter:
+    enriched_rows = True
+
     def __init__(self, es: Elasticsearch, *, index_names: Mapping[str, str] | None = None):
         """`index_names` maps an alias to another index to write to (a rebuild or a benchmark)."""
         self.es = es
         self.index_names = dict(index_names or {})
 
     def write(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> WriteOutcome:
+        return self.send(self.prepare(items, indexed_at=indexed_at))
+
+    def prepare(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> Prepared:
+        """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
         out = WriteOutcome()
         now = indexed_at or datetime.now(UTC)
-        operations: list[dict[str, Any]] = []
+        operations: list[bytes] = []
         planned: list[WriteItem] = []
         for item in items:
             index = item.table.elasticsearch_index
@@ -130,15 +159,22 @@ class ElasticsearchWriter:
             except (ValueError, TypeError, KeyError) as exc:
                 out.poison.append((item, exc))
                 continue
-            operations.append(
-                {"index": {"_index": index, "_id": doc_id, "version": item.version, "version_type": "external_gte"}}
-            )
-            operations.append(doc)
+            action = {
+                "index": {"_index": index, "_id": doc_id, "version": item.version, "version_type": "external_gte"}
+            }
+            # Serialized here, on the preparing thread: the sending thread then only does I/O.
+            operations.append(orjson.dumps(action) + b"\n" + orjson.dumps(doc) + b"\n")
             planned.append(item)
+        return Prepared(out, (b"".join(operations), planned))
+
+    def send(self, prepared: Prepared) -> WriteOutcome:
+        out = prepared.outcome
+        operations, planned = prepared.payload
         if not operations:
             return out
         try:
-            response = self.es.bulk(operations=operations, refresh=False)
+            # Only what is read back: parsing full per-item results cost as much as building the request.
+            response = self.es.bulk(operations=operations, refresh=False, filter_path=BULK_FILTER)
         except ApiError as exc:
             if _es_transient_status(exc.meta.status):
                 raise TransientStoreError(f"Elasticsearch answered HTTP {exc.meta.status}") from exc
