@@ -57,7 +57,7 @@ def test_each_cdc_topic_is_downstream_of_its_postgres_table() -> None:
 def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
     d = _defs()
     jobs = {j.name for j in d.resolve_all_job_defs() if not j.name.startswith("__")}
-    assert jobs == {"apply_cdc", "apply_schemas", "deploy_connectors", "reprocess_dlq"}
+    assert jobs == {"apply_cdc", "apply_schemas", "deploy_connectors", "rebuild_search_index", "reprocess_dlq"}
     assert d.resolve_job_def("reprocess_dlq").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("apply_cdc").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     schema_job = d.resolve_job_def("apply_schemas")

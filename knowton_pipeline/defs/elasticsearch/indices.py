@@ -5,8 +5,9 @@ import dagster as dg
 from knowton_pipeline.catalog import TABLES, SyncedTable, table
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
 from knowton_pipeline.defs.partitions import DAILY
-from knowton_pipeline.defs.resources import ElasticsearchResource, PostgresResource
+from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ElasticsearchResource, PostgresResource
 from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
+from knowton_pipeline.lib.sync.rebuild import rebuild_index
 from knowton_pipeline.lib.sync.writers import ElasticsearchWriter
 
 # Documents that carry fields of other tables (Content: creator username, sales count).
@@ -58,6 +59,55 @@ def index_asset(t: SyncedTable) -> dg.AssetsDefinition:
     return _index
 
 
+class RebuildSearchIndexConfig(dg.Config):
+    table: str = "User"
+
+
+# In the ClickHouse pool although it writes only Elasticsearch: that serializes it with apply_cdc
+# and reprocess_dlq, so no CDC write can land in the old index after the final copy.
+@dg.op(pool=CLICKHOUSE_POOL, description="Rebuild one search index into a new versioned index and swap its alias.")
+def rebuild_search_index_op(
+    context: dg.OpExecutionContext,
+    config: RebuildSearchIndexConfig,
+    postgres: PostgresResource,
+    elasticsearch: ElasticsearchResource,
+) -> dg.Output[dict]:
+    t = table(config.table)
+    if t.elasticsearch_index is None:
+        raise dg.Failure(f"{t.name} has no search index; indexed tables: {', '.join(x.name for x in SEARCHABLE)}")
+
+    def progress(s: BackfillStats) -> None:
+        context.log.info(f"{s.rows} rows indexed into the new index ({s.rows_per_second:,.0f} rows/s)")
+
+    with postgres.get_connection() as conn, elasticsearch.get_client() as es:
+        result = rebuild_index(conn, es, t, on_progress=progress)
+    context.log.info(f"alias {result.alias}: {result.old_index} -> {result.new_index}")
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=index_key(t),
+            metadata={"rebuilt_into": result.new_index, "rows": result.rows, "seconds": round(result.seconds, 2)},
+        )
+    )
+    return dg.Output(
+        {"new_index": result.new_index},
+        metadata={
+            "old_index": result.old_index or "",
+            "new_index": result.new_index,
+            "rows": result.rows,
+            "copied_during_rebuild": result.copied_during_rebuild,
+            "seconds": round(result.seconds, 2),
+        },
+    )
+
+
+@dg.job(description="Full rebuild of a search index (run config: table) with no moment of a half-built index.")
+def rebuild_search_index() -> None:
+    rebuild_search_index_op()
+
+
+SEARCHABLE = [t for t in TABLES if t.elasticsearch_index]
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(assets=[index_asset(t) for t in TABLES if t.elasticsearch_index])
+    return dg.Definitions(assets=[index_asset(t) for t in SEARCHABLE], jobs=[rebuild_search_index])
