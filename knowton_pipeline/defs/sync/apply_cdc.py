@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from knowton_pipeline.catalog import CDC_TABLES, TABLES
+from knowton_pipeline.catalog import CDC_TABLES, HEARTBEAT, TABLES
 from knowton_pipeline.defs.clickhouse.mirrors import mirror_key
 from knowton_pipeline.defs.elasticsearch.indices import index_key
 from knowton_pipeline.defs.resources import (
@@ -13,6 +13,8 @@ from knowton_pipeline.defs.resources import (
     PostgresResource,
 )
 from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, ApplyConfig, ApplyStats, CdcApplier, group_lag
+
+HEARTBEATS_WORTH_A_RUN = 12
 
 
 class ApplyCdcConfig(dg.Config):
@@ -89,8 +91,10 @@ def apply_cdc() -> None:
 def cdc_lag_sensor(context: dg.SensorEvaluationContext, kafka: KafkaResource) -> dg.SensorResult:
     lag = group_lag(kafka.bootstrap_servers, DEFAULT_GROUP, [t.topic for t in CDC_TABLES])
     total = sum(lag.values())
-    if total == 0:
-        return dg.SensorResult(skip_reason="no CDC lag")
+    data_lag = total - lag.get(HEARTBEAT.topic, 0)
+    # Heartbeats arrive every few seconds; alone they are worth a run about once a minute, not each tick.
+    if data_lag == 0 and lag.get(HEARTBEAT.topic, 0) < HEARTBEATS_WORTH_A_RUN:
+        return dg.SensorResult(skip_reason=f"no data lag ({lag.get(HEARTBEAT.topic, 0)} heartbeats pending)")
     in_flight = context.instance.get_run_records(
         dg.RunsFilter(
             job_name="apply_cdc",
