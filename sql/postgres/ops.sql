@@ -22,3 +22,15 @@ CREATE TABLE IF NOT EXISTS ops.dlq_parked (
 );
 
 CREATE INDEX IF NOT EXISTS dlq_parked_unresolved ON ops.dlq_parked (parked_at) WHERE resolved_at IS NULL;
+
+-- Days a backfill run has finished, so a re-execution of a failed run resumes where it stopped
+-- instead of redoing every day (re-syncing is harmless, only slower: writes are versioned).
+CREATE TABLE IF NOT EXISTS ops.backfill_progress (
+    root_run_id  text        NOT NULL,
+    asset        text        NOT NULL,
+    day          date        NOT NULL,
+    rows_written bigint      NOT NULL,
+    snapshot_lsn bigint      NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (root_run_id, asset, day)
+);

@@ -23,7 +23,7 @@ def aggregate_asset(agg: Aggregate) -> dg.AssetsDefinition:
         key=aggregate_key(agg),
         deps=[mirror_key(t) for t in sources],
         partitions_def=DAILY,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         pool=CLICKHOUSE_POOL,
         group_name="clickhouse_aggregates",
         kinds={"clickhouse"},

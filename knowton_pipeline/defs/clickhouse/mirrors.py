@@ -3,10 +3,10 @@
 import dagster as dg
 
 from knowton_pipeline.catalog import TABLES, SyncedTable
+from knowton_pipeline.defs.backfill import run_backfill
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
 from knowton_pipeline.defs.partitions import DAILY
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, PostgresResource
-from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
 from knowton_pipeline.lib.sync.writers import ClickHouseWriter
 
 
@@ -19,7 +19,7 @@ def mirror_asset(t: SyncedTable) -> dg.AssetsDefinition:
         key=mirror_key(t),
         deps=[cdc_topic_key(t)],
         partitions_def=DAILY,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         pool=CLICKHOUSE_POOL,
         group_name="clickhouse",
         kinds={"clickhouse"},
@@ -32,23 +32,8 @@ def mirror_asset(t: SyncedTable) -> dg.AssetsDefinition:
     def _mirror(
         context: dg.AssetExecutionContext, postgres: PostgresResource, clickhouse_store: ClickHouseResource
     ) -> dg.MaterializeResult:
-        window = context.partition_time_window
-        context.log.info(f"backfilling {t.name} rows created in [{window.start}, {window.end}) into ClickHouse")
-
-        def progress(s: BackfillStats) -> None:
-            context.log.info(f"{s.rows} rows read, {s.written} written ({s.rows_per_second:,.0f} rows/s)")
-
-        with postgres.get_connection() as conn, clickhouse_store.get_client() as client:
-            stats = backfill_range(conn, t, window.start, window.end, ClickHouseWriter(client), on_progress=progress)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": stats.rows,
-                "written": stats.written,
-                "snapshot_lsn": stats.snapshot_lsn,
-                "seconds": round(stats.seconds, 3),
-                "rows_per_second": round(stats.rows_per_second, 1),
-            }
-        )
+        with clickhouse_store.get_client() as client:
+            return run_backfill(context, postgres, t, ClickHouseWriter(client))
 
     return _mirror
 

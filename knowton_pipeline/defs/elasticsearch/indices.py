@@ -3,10 +3,11 @@
 import dagster as dg
 
 from knowton_pipeline.catalog import TABLES, SyncedTable, table
+from knowton_pipeline.defs.backfill import run_backfill
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
 from knowton_pipeline.defs.partitions import DAILY
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ElasticsearchResource, PostgresResource
-from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
+from knowton_pipeline.lib.sync.backfill import BackfillStats
 from knowton_pipeline.lib.sync.rebuild import rebuild_index
 from knowton_pipeline.lib.sync.writers import ElasticsearchWriter
 
@@ -24,7 +25,7 @@ def index_asset(t: SyncedTable) -> dg.AssetsDefinition:
         key=index_key(t),
         deps=[cdc_topic_key(t), *(cdc_topic_key(table(n)) for n in ENRICHED_FROM.get(t.name, ()))],
         partitions_def=DAILY,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="elasticsearch",
         kinds={"elasticsearch"},
         description=(
@@ -36,25 +37,14 @@ def index_asset(t: SyncedTable) -> dg.AssetsDefinition:
     def _index(
         context: dg.AssetExecutionContext, postgres: PostgresResource, elasticsearch: ElasticsearchResource
     ) -> dg.MaterializeResult:
-        window = context.partition_time_window
-        context.log.info(f"re-indexing {t.name} rows created in [{window.start}, {window.end})")
-
-        def progress(s: BackfillStats) -> None:
-            context.log.info(f"{s.rows} rows read, {s.written} indexed ({s.rows_per_second:,.0f} rows/s)")
-
-        with postgres.get_connection() as conn, elasticsearch.get_client() as es:
-            stats = backfill_range(conn, t, window.start, window.end, ElasticsearchWriter(es), on_progress=progress)
-            es.indices.refresh(index=t.elasticsearch_index)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": stats.rows,
-                "written": stats.written,
-                "stale_refused": stats.stale,
-                "snapshot_lsn": stats.snapshot_lsn,
-                "seconds": round(stats.seconds, 3),
-                "rows_per_second": round(stats.rows_per_second, 1),
-            }
-        )
+        with elasticsearch.get_client() as es:
+            return run_backfill(
+                context,
+                postgres,
+                t,
+                ElasticsearchWriter(es),
+                after_each_day=lambda: es.indices.refresh(index=t.elasticsearch_index),
+            )
 
     return _index
 
