@@ -9,6 +9,7 @@ from knowton_pipeline.defs.resources import (
     KafkaResource,
     PostgresResource,
 )
+from knowton_pipeline.defs.runs import next_run_request, run_in_flight
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.replay import DlqReplayer, ReplayConfig, ReplayStats, dlq_depths
 
@@ -122,26 +123,11 @@ def dlq_sensor(
     waiting = sum(depths.get(t, 0) for t in dlq.TARGET_DLQ.values())
     if waiting == 0:
         return dg.SensorResult(asset_events=events, skip_reason="DLQs are empty")
-    in_flight = context.instance.get_run_records(
-        dg.RunsFilter(
-            job_name="reprocess_dlq",
-            statuses=[
-                dg.DagsterRunStatus.QUEUED,
-                dg.DagsterRunStatus.NOT_STARTED,
-                dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED,
-            ],
-        ),
-        limit=1,
-    )
+    in_flight = run_in_flight(context.instance, "reprocess_dlq")
     if in_flight:
-        return dg.SensorResult(asset_events=events, skip_reason=f"{waiting} waiting; a replay run is in flight")
-    cursor = int(context.cursor or 0) + 1
-    return dg.SensorResult(
-        asset_events=events,
-        run_requests=[dg.RunRequest(run_key=f"reprocess-dlq-{cursor}", tags={"knowton/dlq_depth": str(waiting)})],
-        cursor=str(cursor),
-    )
+        return dg.SensorResult(asset_events=events, skip_reason=f"{waiting} waiting; replay run {in_flight} in flight")
+    request = next_run_request(context, "reprocess-dlq", {"knowton/dlq_depth": str(waiting)})
+    return dg.SensorResult(asset_events=events, run_requests=request.run_requests, cursor=request.cursor)
 
 
 @dg.definitions

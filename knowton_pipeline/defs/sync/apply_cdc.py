@@ -12,6 +12,7 @@ from knowton_pipeline.defs.resources import (
     KafkaResource,
     PostgresResource,
 )
+from knowton_pipeline.defs.runs import next_run_request, run_in_flight
 from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, ApplyConfig, ApplyStats, CdcApplier, group_lag
 
 HEARTBEATS_WORTH_A_RUN = 12
@@ -95,23 +96,7 @@ def cdc_lag_sensor(context: dg.SensorEvaluationContext, kafka: KafkaResource) ->
     # Heartbeats arrive every few seconds; alone they are worth a run about once a minute, not each tick.
     if data_lag == 0 and lag.get(HEARTBEAT.topic, 0) < HEARTBEATS_WORTH_A_RUN:
         return dg.SensorResult(skip_reason=f"no data lag ({lag.get(HEARTBEAT.topic, 0)} heartbeats pending)")
-    in_flight = context.instance.get_run_records(
-        dg.RunsFilter(
-            job_name="apply_cdc",
-            statuses=[
-                dg.DagsterRunStatus.QUEUED,
-                dg.DagsterRunStatus.NOT_STARTED,
-                dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED,
-            ],
-        ),
-        limit=1,
-    )
+    in_flight = run_in_flight(context.instance, "apply_cdc")
     if in_flight:
-        return dg.SensorResult(skip_reason=f"lag {total}, apply_cdc run {in_flight[0].dagster_run.run_id} in flight")
-    # One run per sensor tick at most; the cursor makes the run key unique per request.
-    cursor = int(context.cursor or 0) + 1
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"apply-cdc-{cursor}", tags={"knowton/cdc_lag": str(total)})],
-        cursor=str(cursor),
-    )
+        return dg.SensorResult(skip_reason=f"lag {total}, apply_cdc run {in_flight} in flight")
+    return next_run_request(context, "apply-cdc", {"knowton/cdc_lag": str(total)})
