@@ -1,0 +1,1 @@
+"""Reconciliation: prove the stores agree with PostgreSQL, find the exact keys where they don't."""
