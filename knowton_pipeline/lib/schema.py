@@ -15,7 +15,7 @@ from knowton_pipeline.lib.kafka_topics import ensure_topics
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import SQL_ROOT, read_json, read_sql
 
-POSTGRES_FILES = ("schema.sql", "enable-cdc.sql", "ops.sql")
+POSTGRES_FILES = ("schema.sql", "enable-cdc.sql", "ops.sql", "canonical.sql")
 CLICKHOUSE_FILES = ("mirrors.sql", "aggregates.sql", "aggregates_staging.sql")
 CDC_ROLE = "knowton_cdc"
 STORES = ("postgres", "kafka", "clickhouse", "elasticsearch")

@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS public."Purchase" (
     "updatedAt" timestamptz   NOT NULL DEFAULT now()
 );
 
+-- Reconciliation walks text keys in byte order (as ClickHouse and Elasticsearch sort them), which the
+-- database collation (C.UTF-8) does not give the primary key index.
+CREATE INDEX IF NOT EXISTS "User_address_bytes_idx" ON public."User" (address COLLATE "C");
+
 -- "updatedAt" indexes serve the incremental reconciliation, which only looks at recently changed rows.
 CREATE INDEX IF NOT EXISTS "User_updatedAt_idx" ON public."User" ("updatedAt");
 CREATE INDEX IF NOT EXISTS "Content_creator_idx" ON public."Content" (creator);

@@ -7,6 +7,7 @@ because every write carries its version).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,14 @@ class ClickHouseWriter:
         return out
 
 
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    """orjson for speed; the standard library for what orjson refuses (jsonb integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(doc)
+    except TypeError:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
 
 
@@ -163,7 +172,7 @@ class ElasticsearchWriter:
                 "index": {"_index": index, "_id": doc_id, "version": item.version, "version_type": "external_gte"}
             }
             # Serialized here, on the preparing thread: the sending thread then only does I/O.
-            operations.append(orjson.dumps(action) + b"\n" + orjson.dumps(doc) + b"\n")
+            operations.append(orjson.dumps(action) + b"\n" + _json_bytes(doc) + b"\n")
             planned.append(item)
         return Prepared(out, (b"".join(operations), planned))
 

@@ -1,0 +1,409 @@
+"""Canonical rows and hashes (`knowton_pipeline.lib.canonical`) without a store: the string keeps apart what must
+differ (NULL, '' and '\\N'; array element boundaries), equates what must be equal (JSON key order, 1.0 and 1, -0 and
+0, trailing decimal zeros), reads Elasticsearch documents back exactly, and the hash is the 60-bit MD5 slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg import sql
+
+from knowton_pipeline.catalog import CDC_TABLES, TABLES, SyncedTable, table
+from knowton_pipeline.lib.canonical import (
+    INVALID,
+    NULL,
+    SEPARATOR,
+    canonical_from_es_source,
+    canonical_from_row,
+    canonical_json_value,
+    clickhouse_segment_checksum_sql,
+    clickhouse_segment_rows_sql,
+    es_segment_query,
+    json_number,
+    postgres_segment_checksum_sql,
+    python_segment_checksum,
+    row_from_es_source,
+    row_hash,
+    segment_parameters,
+)
+from knowton_pipeline.lib.debezium import decode_row, encode_row_like_debezium
+from knowton_pipeline.lib.transform import canonical_json, to_es_document
+from knowton_pipeline_tests.lib.test_debezium import (
+    FIXED_ROWS,
+    NASTY_TEXT,
+    decimals,
+    json_values,
+    rows,
+    tables_and_rows,
+)
+from knowton_pipeline_tests.lib.test_transform import reorder
+
+USER, CONTENT, PURCHASE = table("User"), table("Content"), table("Purchase")
+INDEXED_TABLES = [t for t in TABLES if t.elasticsearch_index]
+INDEXED_AT = datetime(2026, 11, 24, 5, 5, 33, tzinfo=UTC)
+FINITE_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def fields(synced: SyncedTable, row: dict[str, Any]) -> dict[str, str]:
+    """The canonical string of `row` cut back into its fields, by column name."""
+    parts = canonical_from_row(synced, row).split(SEPARATOR)
+    assert len(parts) == len(synced.columns)
+    return dict(zip([c.name for c in synced.columns], parts, strict=True))
+
+
+def json_as_decimals(text: str) -> Any:
+    """JSON numbers compared as the decimals they spell (1e16 == 10000000000000000, as in PostgreSQL's jsonb)."""
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
+def unescape_text(field: str) -> str | None:
+    """The inverse of the text spelling: proves it loses nothing."""
+    if field == NULL:
+        return None
+    assert re.fullmatch(r"(?:[^\\\t]|\\[\\t])*", field), field
+    return re.sub(r"\\(.)", lambda m: "\t" if m.group(1) == "t" else m.group(1), field)
+
+
+def parse_text_array(field: str) -> list[str]:
+    """The inverse of the text[] spelling."""
+    assert field.startswith("{") and field.endswith("}") and "\t" not in field
+    elements = re.findall(r'"((?:[^"\\]|\\.)*)"(?:,|$)', field[1:-1])
+    assert "{" + ",".join(f'"{e}"' for e in elements) + "}" == field
+    return [re.sub(r"\\(.)", lambda m: "\t" if m.group(1) == "t" else m.group(1), e) for e in elements]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hash
+
+
+@given(st.text())
+def test_row_hash_is_the_last_15_hex_digits_of_md5_of_the_utf8_bytes(text: str) -> None:
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        return  # lone surrogates: never in a row read from a store
+    expected = int(hashlib.md5(data).hexdigest()[-15:], 16)
+    assert row_hash(text) == expected
+    assert 0 <= row_hash(text) < 2**60
+
+
+def test_row_hash_matches_the_value_postgres_and_clickhouse_computed_for_abc() -> None:
+    # ('x' || right(md5('abc'), 15))::bit(60)::bigint in PostgreSQL and
+    # bitAnd(reinterpretAsUInt64(reverse(substring(MD5('abc'), 9, 8))), 2^60 - 1) in ClickHouse, both 474636617523494770.
+    assert row_hash("abc") == 474636617523494770
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The string: one field per column, each one reversible
+
+
+@given(tables_and_rows())
+def test_canonical_row_has_one_tab_separated_field_per_catalog_column(table_and_row: tuple[SyncedTable, dict]) -> None:
+    synced, row = table_and_row
+    parts = fields(synced, row)
+    for column in synced.columns:
+        value, field = row[column.name], parts[column.name]
+        if column.type == "text":
+            assert unescape_text(field) == value
+        elif column.type == "text[]":
+            assert parse_text_array(field) == value
+        elif column.type == "jsonb":
+            assert json_as_decimals(field) == json_as_decimals(canonical_json(value))
+        elif value is None:
+            assert field == NULL
+
+
+def test_null_empty_text_and_backslash_n_text_are_three_different_rows() -> None:
+    spelled = {
+        bio: fields(USER, {**FIXED_ROWS["User"], "bio": bio})["bio"] for bio in (None, "", "\\N", "\\", "\\\\", "\t")
+    }
+    assert spelled == {None: "\\N", "": "", "\\N": "\\\\N", "\\": "\\\\", "\\\\": "\\\\\\\\", "\t": "\\t"}
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        (["a,b"], ["a", "b"]),
+        ([], [""]),
+        ([""], ["", ""]),
+        (['a","b'], ["a", "b"]),
+        (["a\\"], ["a\\\\"]),
+        (["\t"], ["\\t"]),
+    ],
+)
+def test_text_arrays_keep_their_element_boundaries(left: list[str], right: list[str]) -> None:
+    spell = lambda tags: fields(CONTENT, {**FIXED_ROWS["Content"], "tags": tags})["tags"]  # noqa: E731
+    assert spell(left) != spell(right)
+
+
+@given(st.lists(NASTY_TEXT, max_size=4), st.lists(NASTY_TEXT, max_size=4))
+def test_different_text_arrays_never_share_a_spelling(left: list[str], right: list[str]) -> None:
+    spell = lambda tags: fields(CONTENT, {**FIXED_ROWS["Content"], "tags": tags})["tags"]  # noqa: E731
+    assert (spell(left) == spell(right)) == (left == right)
+
+
+def test_canonical_string_of_a_fixed_row_is_pinned() -> None:
+    row = {
+        **FIXED_ROWS["Content"],
+        "id": 2**63 - 1,
+        "title": "tab\there \\N",
+        "description": None,
+        "tags": ["a,b", "", 'q"'],
+        "price": Decimal("-0.00"),
+        "metadata": {"b": 1, "a": {"d": [1, 2.5, "x"], "c": None}, "é": 1e16},
+        "createdAt": datetime(1970, 1, 1, tzinfo=UTC),
+        "updatedAt": datetime(2099, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    }
+    assert canonical_from_row(CONTENT, row) == "\t".join(
+        [
+            "9223372036854775807",
+            "0xSECRET",
+            "tab\\there \\\\N",
+            "\\N",
+            "SECRETmusic",
+            '{"a,b","","q\\""}',
+            "0.00",
+            "SECRETpublished",
+            '{"a":{"c":null,"d":[1,2.5,"x"]},"b":1,"é":10000000000000000}',
+            "1970-01-01T00:00:00.000000Z",
+            "2099-12-31T23:59:59.999999Z",
+        ]
+    )
+
+
+def test_booleans_are_t_and_f_and_the_heartbeat_has_two_fields() -> None:
+    assert fields(USER, {**FIXED_ROWS["User"], "isVerified": True})["isVerified"] == "t"
+    assert fields(USER, {**FIXED_ROWS["User"], "isVerified": False})["isVerified"] == "f"
+    assert canonical_from_row(table("heartbeat"), FIXED_ROWS["heartbeat"]) == "1\t1970-01-01T00:00:00.000000Z"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"isVerified": 1}, "User.isVerified"),
+        ({"reputation": True}, "User.reputation"),
+        ({"createdAt": datetime(2026, 1, 1)}, "User.createdAt"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_naming_the_column(change: dict[str, Any], message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        canonical_from_row(USER, {**FIXED_ROWS["User"], **change})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Equal values, equal strings
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(-23 * 60, 23 * 60))
+def test_a_timestamp_is_spelled_in_utc_whatever_its_offset(instant: datetime, minutes: int) -> None:
+    try:
+        shifted = instant.astimezone(timezone(timedelta(minutes=minutes)))
+    except OverflowError:
+        return
+    assert fields(PURCHASE, {**FIXED_ROWS["Purchase"], "createdAt": shifted}) == fields(
+        PURCHASE, {**FIXED_ROWS["Purchase"], "createdAt": instant}
+    )
+
+
+@given(decimals(6, 20))
+def test_decimals_are_spelled_at_the_column_scale_whatever_their_own(amount: Decimal) -> None:
+    spell = lambda a: fields(PURCHASE, {**FIXED_ROWS["Purchase"], "amount": a})["amount"]  # noqa: E731
+    field = spell(amount)
+    assert spell(amount.normalize()) == field  # 1.500000, 1.5 and 15E-1 are one value
+    assert re.fullmatch(r"-?\d+\.\d{6}", field) and Decimal(field) == amount
+    assert field != "-0.000000"
+
+
+def test_negative_zero_is_zero() -> None:
+    spell = lambda p: fields(CONTENT, {**FIXED_ROWS["Content"], "price": p})["price"]  # noqa: E731
+    assert spell(Decimal("-0.00")) == spell(Decimal("0")) == spell(Decimal("0E-7")) == "0.00"
+    assert json_number(-0.0) == json_number(0.0) == json_number(0) == "0"
+
+
+@given(json_values(NASTY_TEXT))
+def test_json_key_order_does_not_change_the_spelling(value: Any) -> None:
+    assert canonical_json_value(reorder(value)) == canonical_json_value(value)
+
+
+@given(json_values(NASTY_TEXT))
+def test_canonical_json_is_valid_compact_json_of_the_same_value(value: Any) -> None:
+    text = canonical_json_value(value)
+    assert json_as_decimals(text) == json_as_decimals(json.dumps(value))
+    # Re-reading the mirror's text (transform.canonical_json) or an Elasticsearch _source gives the same spelling.
+    assert canonical_json_value(json.loads(canonical_json(value))) == text
+    assert "\t" not in text and not text.startswith("\\")
+
+
+@given(FINITE_FLOATS)
+def test_a_json_float_is_spelled_as_the_exact_decimal_its_repr_names(number: float) -> None:
+    spelled = json_number(number)
+    assert re.fullmatch(r"-?(0|[1-9]\d*)(\.\d*[1-9])?", spelled), spelled
+    assert Decimal(spelled) == Decimal(repr(number))
+    assert spelled != "-0"
+    if number.is_integer():
+        # As PostgreSQL holds it once Python's json.dumps wrote it: 1e16 arrives as the integer 10000000000000000.
+        assert spelled == str(int(Decimal(repr(number))))
+
+
+@given(FINITE_FLOATS, FINITE_FLOATS)
+def test_different_json_floats_have_different_spellings(a: float, b: float) -> None:
+    assert (json_number(a) == json_number(b)) == (a == b)
+
+
+@pytest.mark.parametrize(
+    ("value", "spelled"),
+    [
+        (1.0, "1"),
+        (1.5e-07, "0.00000015"),
+        (1e16, "10000000000000000"),
+        (1e23, "100000000000000000000000"),
+        (-2.5, "-2.5"),
+        (0.1, "0.1"),
+        (2**70, "1180591620717411303424"),
+        (-(2**63), "-9223372036854775808"),
+        (5e-324, "0." + "0" * 323 + "5"),
+    ],
+)
+def test_json_numbers_have_one_plain_spelling(value: int | float, spelled: str) -> None:
+    assert json_number(value) == spelled
+
+
+def test_json_refuses_what_is_not_json() -> None:
+    for bad in (float("nan"), float("inf"), Decimal("1.5"), {1: "x"}, {"a": object()}):
+        with pytest.raises((TypeError, ValueError)):
+            canonical_json_value(bad)
+
+
+def test_json_strings_are_escaped_as_jsonb_prints_them() -> None:
+    # What PostgreSQL's to_jsonb(text)::text prints for the same string (checked on PostgreSQL 15).
+    value = 'a\x01\t"\\/\u2028\x7f é🚀'
+    assert canonical_json_value(value) == '"a\\u0001\\t\\"\\\\/\u2028\x7f é🚀"'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elasticsearch _source
+
+
+@given(st.sampled_from(INDEXED_TABLES).flatmap(lambda t: st.tuples(st.just(t), rows(t))))
+def test_a_search_document_reads_back_to_the_row_it_was_written_from(table_and_row: tuple[SyncedTable, dict]) -> None:
+    synced, row = table_and_row
+    source = json.loads(json.dumps(to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT)))
+    expected = canonical_from_row(synced, row, target="elasticsearch")
+    assert canonical_from_es_source(synced, source) == expected
+    assert canonical_from_row(synced, row_from_es_source(synced, source), target="elasticsearch") == expected
+
+
+def test_enrichment_and_bookkeeping_fields_are_not_part_of_the_canonical_row() -> None:
+    row = FIXED_ROWS["Content"]
+    plain = to_es_document(CONTENT, row, version=1, deleted=False, indexed_at=INDEXED_AT)
+    enriched = to_es_document(
+        CONTENT,
+        row,
+        version=99,
+        deleted=False,
+        indexed_at=INDEXED_AT + timedelta(days=1),
+        enrichment={"creator_username": "someone", "sales_count": 12},
+    )
+    assert canonical_from_es_source(CONTENT, {**enriched, "row_hash": "x"}) == canonical_from_es_source(CONTENT, plain)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("price", "abc"),
+        ("price", "5.001"),
+        ("created_at", 0),
+        ("created_at", "2026-01-01T00:00:00"),
+        ("tags", "one"),
+        ("tags", [1]),
+        ("id", "9"),
+        ("title", None),
+    ],
+)
+def test_a_hand_edited_document_is_spelled_invalid_not_an_error(field: str, value: Any) -> None:
+    source = to_es_document(CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT)
+    spelled = canonical_from_es_source(CONTENT, {**source, field: value})
+    assert INVALID in spelled.split(SEPARATOR)
+    assert spelled != canonical_from_row(CONTENT, FIXED_ROWS["Content"])
+    with pytest.raises(ValueError, match=r"Content\."):
+        row_from_es_source(CONTENT, {**source, field: value})
+
+
+def test_a_document_missing_a_column_is_invalid_and_a_float_price_is_its_value() -> None:
+    source = to_es_document(CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT)
+    missing = {k: v for k, v in source.items() if k != "description"}
+    assert canonical_from_es_source(CONTENT, missing).split(SEPARATOR)[3] == INVALID
+    assert canonical_from_es_source(CONTENT, {**source, "metadata": {"a": float("nan")}}).split(SEPARATOR)[8] == INVALID
+    assert canonical_from_es_source(CONTENT, {**source, "price": 5.0}) == canonical_from_es_source(CONTENT, source)
+
+
+def test_segment_checksum_over_search_documents_skips_tombstones() -> None:
+    row = FIXED_ROWS["User"]
+    live = to_es_document(USER, row, version=1, deleted=False, indexed_at=INDEXED_AT)
+    tombstone = to_es_document(USER, {"address": "0xgone"}, version=2, deleted=True, indexed_at=INDEXED_AT)
+    assert python_segment_checksum(USER, [live, tombstone], es_sources=True) == python_segment_checksum(USER, [row])
+    assert python_segment_checksum(USER, []) == (0, 0)
+
+
+@given(st.lists(tables_and_rows(), max_size=5))
+def test_python_segment_checksum_is_count_and_sum_of_row_hashes(items: list[tuple[SyncedTable, dict]]) -> None:
+    for synced in CDC_TABLES:
+        picked = [r for t, r in items if t is synced]
+        expected = sum(row_hash(canonical_from_row(synced, r)) for r in picked)
+        assert python_segment_checksum(synced, picked) == (len(picked), expected)
+
+
+@given(tables_and_rows())
+def test_the_debezium_path_gives_the_same_canonical_row(table_and_row: tuple[SyncedTable, dict]) -> None:
+    synced, row = table_and_row
+    decoded = decode_row(synced, json.loads(json.dumps(encode_row_like_debezium(synced, row))))
+    assert canonical_from_row(synced, decoded) == canonical_from_row(synced, row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SQL: parameters, never values; quoted identifiers; live mirror rows only
+
+
+def test_segment_queries_take_parameters_and_quote_identifiers() -> None:
+    pg = postgres_segment_checksum_sql(USER, relation=sql.Identifier("ops", 'odd"name')).as_string(None)
+    assert 'FROM "ops"."odd""name" AS t' in pg
+    assert '"t"."address" COLLATE "C" >= %(lo_0)s::text AND "t"."address" COLLATE "C" < %(hi_0)s::text' in pg
+    assert "ops.canonical_jsonb" not in pg and 'to_char("t"."createdAt" AT TIME ZONE \'UTC\'' in pg
+    open_ended = postgres_segment_checksum_sql(CONTENT, lower_bound=False, upper_bound=False).as_string(None)
+    assert open_ended.endswith("WHERE true") and 'ops.canonical_jsonb("t"."metadata")' in open_ended
+
+    ch = clickhouse_segment_checksum_sql(CONTENT, database="scratch")
+    assert "FROM `scratch`.`contents` FINAL WHERE `is_deleted` = 0" in ch
+    assert "`id` >= {lo_0:Int64} AND `id` < {hi_0:Int64}" in ch and "sum(toUInt128(" in ch
+    rows_sql = clickhouse_segment_rows_sql(USER, lower_bound=False)
+    assert (
+        "FROM `knowton`.`users` FINAL WHERE `is_deleted` = 0 AND `address` < {hi_0:String} ORDER BY `address`"
+        in rows_sql
+    )
+
+
+def test_segment_parameters_name_each_key_column() -> None:
+    assert segment_parameters(CONTENT, 5, 10) == {"lo_0": 5, "hi_0": 10}
+    assert segment_parameters(USER, None, "0xb") == {"hi_0": "0xb"}
+    assert segment_parameters(CONTENT, (5,), None) == {"lo_0": 5}
+    with pytest.raises(ValueError, match="key has 1 values"):
+        segment_parameters(CONTENT, (1, 2), None)
+
+
+def test_es_segment_query_excludes_tombstones_and_bounds_the_key() -> None:
+    assert es_segment_query(USER, "0xa", "0xb") == {
+        "bool": {
+            "filter": [{"range": {"address": {"gte": "0xa", "lt": "0xb"}}}],
+            "must_not": [{"term": {"is_deleted": True}}],
+        }
+    }
+    assert es_segment_query(CONTENT)["bool"]["filter"] == []
