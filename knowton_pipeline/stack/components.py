@@ -89,6 +89,15 @@ def find_postgres_bindir() -> Path:
     )
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64, never starting with "-" (the storage tool
+    would take it for an option; it does about one time in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class Component:
     """One server process of the stack."""
 
@@ -290,7 +299,7 @@ class Kafka(Component):
         if (self.dir / "data" / "meta.properties").exists():
             return
         java, _ = find_java()
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         result = subprocess.run(
             [
                 str(java),

@@ -66,3 +66,11 @@ def test_generated_secret_is_stable_and_private(tmp_path) -> None:  # type: igno
 @given(st.text(alphabet=st.characters(blacklist_characters="@/:?#[]%", blacklist_categories=["Cs", "Cc"]), min_size=1))
 def test_redact_dsn_never_leaks_the_password(password: str) -> None:
     assert redact_dsn(f"https://user:{password}@host:8443/db") == "https://user:***@host:8443/db"
+
+
+def test_kraft_cluster_ids_never_look_like_an_option() -> None:
+    from knowton_pipeline.stack.components import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(2000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
