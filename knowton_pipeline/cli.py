@@ -133,6 +133,42 @@ def _sync_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from knowton_pipeline.catalog import TABLES, table
+    from knowton_pipeline.lib import clickhouse
+    from knowton_pipeline.lib.reconcile.clickhouse_target import ClickHouseReconciler
+
+    names = [t.name for t in TABLES] if args.table == "all" else [table(args.table).name]
+    if args.target != "clickhouse":
+        print(f"error: reconciling with {args.target} is not built yet; use --target clickhouse", file=sys.stderr)
+        return EXIT_ERROR
+    results = []
+    with psycopg.connect(**settings.pg_conninfo()) as conn:  # type: ignore[arg-type]
+        ch = clickhouse.get_client(settings.clickhouse_dsn)
+        for name in names:
+            reconciler = ClickHouseReconciler(conn, ch, table(name), threshold=args.threshold)
+            results.append(reconciler.run())
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            d = r.differences
+            verdict = "clean" if r.clean else f"DRIFT: {d.total} key(s)"
+            print(
+                f"{r.table} -> {r.target}: {verdict}  ({r.source_rows} rows in PostgreSQL, {r.target_rows} in "
+                f"{r.target}; {r.stats.segments_checked} segments, {r.stats.rows_compared} rows compared, "
+                f"{r.seconds:.2f} s)"
+            )
+            for label, keys in (("missing in target", d.missing_in_target), ("extra in target", d.extra_in_target)):
+                if keys:
+                    print(f"  {label}: {len(keys)}: {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}")
+            for key, columns in list(d.different.items())[:10]:
+                print(f"  different: {key}: {', '.join(columns)}")
+    return 0 if all(r.clean for r in results) else 1
+
+
 def _env_cmd(args: argparse.Namespace, settings: Settings) -> int:
     env = settings.export_env(include_secrets=True)
     env["DAGSTER_HOME"] = str(settings.dagster_home)
@@ -179,12 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--batch-size", type=int, default=2000)
     sy.set_defaults(func=_sync_cmd)
 
+    rc = sub.add_parser(
+        "reconcile", help="compare a table with its ClickHouse mirror: exit 0 clean, 1 drift found, 2 error"
+    )
+    rc.add_argument("--table", default="all", help="User, Content, Purchase or all (default)")
+    rc.add_argument("--target", default="clickhouse", choices=["clickhouse", "elasticsearch"])
+    rc.add_argument("--threshold", type=int, default=256, help="segment size compared row by row")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=_reconcile_cmd)
+
     en = sub.add_parser("env", help="print `export` lines for the settings (for dagster commands)")
     en.set_defaults(func=_env_cmd)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from knowton_pipeline.catalog import UnknownTableError
     from knowton_pipeline.lib.clickhouse import ClickHouseLockedError
     from knowton_pipeline.stack.components import StackError
 
@@ -193,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         return args.func(args, settings)
-    except (SettingsError, StackError, ClickHouseLockedError) as exc:
+    except (SettingsError, StackError, ClickHouseLockedError, UnknownTableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

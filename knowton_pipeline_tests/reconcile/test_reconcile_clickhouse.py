@@ -57,3 +57,23 @@ def test_rows_deleted_edited_and_added_in_the_mirror_are_reported_exactly(
     assert after.source_rows == before.source_rows
     # Only mismatching segments travel: far fewer rows than the table.
     assert after.stats.rows_compared < max(200, after.source_rows)
+
+
+def test_knowton_reconcile_exit_codes_and_json_follow_the_verdict(
+    caught_up: None, settings: Settings, pg: psycopg.Connection, ch: ClickHouseClient, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from knowton_pipeline.cli import main
+
+    extra = new_address()
+    [template] = list(ch.query("SELECT * FROM knowton.users FINAL LIMIT 1").named_results())
+    ch.insert("knowton.users", [list({**template, "address": extra}.values())], column_names=list(template))
+    code = main(["reconcile", "--table", "User", "--json", "--threshold", "32"])
+    [report] = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["clean"] is False
+    assert report["table"] == "User" and report["target"] == "clickhouse"
+    assert report["extra_in_target"] >= 1 and report["source_rows"] > 0
+    assert main(["reconcile", "--table", "Nope"]) == 2
+    assert "unknown table 'Nope'" in capsys.readouterr().err
+    assert main(["reconcile", "--target", "elasticsearch"]) == 2
