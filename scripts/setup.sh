@@ -32,10 +32,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Kafka, Kafka Connect, Debezium and Elasticsearch jars (a no-op once they are in place).
-home="${KNOWTON_HOME:-$PWD/.knowton}"
-if [ ! -d "$home/dist/kafka-4.3.1/libs" ] || [ ! -d "$home/dist/connect-plugins/debezium-connector-postgres" ] \
-   || [ ! -d "$home/dist/elasticsearch-8.19.21/bin" ]; then
-  echo "setup: resolving the stack's jars from Maven Central"
-  mvn -B -q -f stack/pom.xml package "-Dstack.home=$home"
-fi
+# The stack's jars (Kafka, Connect, Debezium, Elasticsearch) are resolved by `knowton stack up` when missing.

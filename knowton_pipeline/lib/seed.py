@@ -473,7 +473,6 @@ def seed_demo_data(
     first. Identity sequences are moved past the explicit ids so later INSERTs without an id work.
     """
     started = time.perf_counter()
-    rows = generate_demo_rows(size, seed=seed)
     with conn.transaction(), conn.cursor() as cur:
         counts = _row_counts(cur)
         non_empty = {table: count for table, count in counts.items() if count}
@@ -484,6 +483,8 @@ def seed_demo_data(
             )
         if replace:
             cur.execute('TRUNCATE "Purchase", "Content", "User"')
+        # Generated only once the tables are known to take them (`seed --if-empty` runs on every demo start).
+        rows = generate_demo_rows(size, seed=seed)
         with tqdm(
             total=size.total, desc="seeding", unit="rows", unit_scale=True, file=sys.stderr, disable=not progress
         ) as bar:

@@ -77,11 +77,39 @@ class ApplyConfig:
     backoff_max: float = 15.0
 
 
-def backoff_delays(initial: float, maximum: float) -> Any:
+TRANSIENT_ERRORS = (TransientStoreError, dlq.DlqPublishError, psycopg.OperationalError, KafkaException)
+
+
+def retry_transient(
+    action: Callable[[], None],
+    *,
+    budget_seconds: float,
+    initial: float = 0.5,
+    maximum: float = 15.0,
+    on_retry: Callable[[BaseException], None] | None = None,
+    what: str = "batch",
+) -> None:
+    """Run `action` until it succeeds, backing off exponentially while a store is unavailable.
+
+    Past the budget, StoreUnavailableError: the caller has committed nothing, so nothing is lost.
+    """
+    started = time.monotonic()
     delay = initial
     while True:
-        yield delay
-        delay = min(delay * 2, maximum)
+        try:
+            action()
+            return
+        except TRANSIENT_ERRORS as exc:
+            elapsed = time.monotonic() - started
+            if elapsed > budget_seconds:
+                raise StoreUnavailableError(
+                    f"gave up after {elapsed:.0f} s of retries, nothing committed or dead-lettered: {exc}"
+                ) from exc
+            if on_retry:
+                on_retry(exc)
+            log.warning("%s not applied (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, maximum)
 
 
 class CdcApplier:
@@ -179,27 +207,24 @@ class CdcApplier:
         ]
 
     def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
-        started = time.monotonic()
-        delays = backoff_delays(self.config.backoff_initial, self.config.backoff_max)
-        while True:
-            try:
-                self.apply_batch(msgs, stats)
-                for (topic, partition), offset in commit(consumer, msgs).items():
-                    self._positions[(topic, partition)] = offset
-                stats.batches += 1
-                return
-            except (TransientStoreError, dlq.DlqPublishError, psycopg.OperationalError, KafkaException) as exc:
-                if self._pg is not None and self._pg.closed is False and isinstance(exc, psycopg.OperationalError):
-                    self._pg.close()
-                elapsed = time.monotonic() - started
-                if elapsed > self.config.max_retry_seconds:
-                    raise StoreUnavailableError(
-                        f"gave up after {elapsed:.0f} s of retries, nothing committed or dead-lettered: {exc}"
-                    ) from exc
-                stats.retries += 1
-                delay = next(delays)
-                log.warning("batch of %d records not applied (%s); retrying in %.1f s", len(msgs), exc, delay)
-                time.sleep(delay)
+        def attempt() -> None:
+            self.apply_batch(msgs, stats)
+            self._positions.update(commit(consumer, msgs))
+            stats.batches += 1
+
+        def on_retry(exc: BaseException) -> None:
+            stats.retries += 1
+            if self._pg is not None and isinstance(exc, psycopg.OperationalError):
+                self._pg.close()
+
+        retry_transient(
+            attempt,
+            budget_seconds=self.config.max_retry_seconds,
+            initial=self.config.backoff_initial,
+            maximum=self.config.backoff_max,
+            on_retry=on_retry,
+            what=f"batch of {len(msgs)} records",
+        )
 
     # --- one batch -------------------------------------------------------------------------
     def apply_batch(self, msgs: Sequence[Message], stats: ApplyStats) -> None:

@@ -23,17 +23,13 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.catalog import UnknownTableError
 from knowton_pipeline.lib.debezium import MalformedEventError, decode_event
 from knowton_pipeline.lib.sync import dlq
-from knowton_pipeline.lib.sync.apply import backoff_delays, clickhouse_items, elasticsearch_items
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, TransientStoreError
+from knowton_pipeline.lib.sync.apply import clickhouse_items, elasticsearch_items, retry_transient
+from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
 
 log = logging.getLogger(__name__)
 
 REPLAY_GROUP = "knowton-dlq-replay"
 TOPIC_TARGET = {topic: target for target, topic in dlq.TARGET_DLQ.items()}
-
-
-class ReplayUnavailableError(RuntimeError):
-    """A store stayed down through the retry budget; nothing was committed, nothing is lost."""
 
 
 @dataclass(frozen=True)
@@ -145,20 +141,16 @@ class DlqReplayer:
         return bounds
 
     def _replay_with_retry(self, msgs: Sequence[Message], stats: ReplayStats) -> None:
-        started = time.monotonic()
-        delays = backoff_delays(0.5, 15.0)
-        while True:
-            try:
-                self.replay_batch(msgs, stats)
-                return
-            except (TransientStoreError, dlq.DlqPublishError, psycopg.OperationalError) as exc:
-                if self._pg is not None and isinstance(exc, psycopg.OperationalError):
-                    self._pg.close()
-                if time.monotonic() - started > self.config.max_retry_seconds:
-                    raise ReplayUnavailableError(f"stores unavailable, nothing committed: {exc}") from exc
-                delay = next(delays)
-                log.warning("DLQ replay batch not applied (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
+        def on_retry(exc: BaseException) -> None:
+            if self._pg is not None and isinstance(exc, psycopg.OperationalError):
+                self._pg.close()
+
+        retry_transient(
+            lambda: self.replay_batch(msgs, stats),
+            budget_seconds=self.config.max_retry_seconds,
+            on_retry=on_retry,
+            what=f"DLQ replay batch of {len(msgs)} records",
+        )
 
     def replay_batch(self, msgs: Sequence[Message], stats: ReplayStats) -> None:
         now_ms = int(time.time() * 1000)
