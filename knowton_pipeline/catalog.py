@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOPIC_PREFIX = "cdc-"
+# The ClickHouse database holding the mirrors and the aggregates.
+CLICKHOUSE_DATABASE = "knowton"
 DLQ_TOPICS = ("dlq-clickhouse-failed", "dlq-elasticsearch-failed", "dlq-parked")
 
 

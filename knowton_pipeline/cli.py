@@ -8,6 +8,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from knowton_pipeline.lib.settings import Settings, SettingsError
 
@@ -133,40 +134,86 @@ def _sync_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _print_result(r: Any) -> None:
+    d = r.differences
+    verdict = "clean" if r.clean else f"DRIFT: {d.total} key(s)"
+    print(
+        f"{r.table} -> {r.target} ({r.mode}): {verdict}  ({r.source_rows} rows in PostgreSQL, {r.target_rows} in "
+        f"{r.target}; {r.stats.segments_checked} segments, {r.stats.rows_compared} rows compared, {r.seconds:.2f} s)"
+    )
+    for label, keys in (("missing in target", d.missing_in_target), ("extra in target", d.extra_in_target)):
+        if keys:
+            print(f"  {label}: {len(keys)}: {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}")
+    for key, columns in list(d.different.items())[:10]:
+        print(f"  different: {key}: {', '.join(columns)}")
+    if len(d.different) > 10:
+        print(f"  ... and {len(d.different) - 10} more different")
+    if r.in_flight:
+        print(f"  in flight (still changing, not reported): {len(r.in_flight)}")
+    for day, (s, t) in sorted(r.day_counts.items(), key=str)[:10]:
+        print(f"  day {day}: {s} rows in PostgreSQL, {t} in {r.target}")
+
+
 def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime, timedelta
+
     import psycopg
+    from elasticsearch import Elasticsearch
 
-    from knowton_pipeline.catalog import TABLES, table
     from knowton_pipeline.lib import clickhouse
-    from knowton_pipeline.lib.reconcile.clickhouse_target import ClickHouseReconciler
+    from knowton_pipeline.lib.reconcile.engine import ReconcileOptions
+    from knowton_pipeline.lib.reconcile.record import mark_repaired, record_result
+    from knowton_pipeline.lib.reconcile.run import plan_pairs, reconcile_pair, repair_result
 
-    names = [t.name for t in TABLES] if args.table == "all" else [table(args.table).name]
-    if args.target != "clickhouse":
-        print(f"error: reconciling with {args.target} is not built yet; use --target clickhouse", file=sys.stderr)
-        return EXIT_ERROR
-    results = []
-    with psycopg.connect(**settings.pg_conninfo()) as conn:  # type: ignore[arg-type]
-        ch = clickhouse.get_client(settings.clickhouse_dsn)
-        for name in names:
-            reconciler = ClickHouseReconciler(conn, ch, table(name), threshold=args.threshold)
-            results.append(reconciler.run())
+    pairs = plan_pairs(None if args.table == "all" else [args.table], None if args.target == "all" else [args.target])
+    mode = "full" if args.full else "incremental" if args.incremental else "checksum"
+    options = ReconcileOptions(
+        mode=mode,  # type: ignore[arg-type]
+        threshold=args.threshold,
+        window=timedelta(minutes=args.window_minutes),
+        settle_seconds=args.settle,
+    )
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
+    reports: list[dict[str, Any]] = []
+    remaining_drift = False
+    es = Elasticsearch(settings.es_url, request_timeout=120)
+    try:
+        with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            ch = clickhouse.get_client(settings.clickhouse_dsn) if any(t == "clickhouse" for _, t in pairs) else None
+            for name, target in pairs:
+                started = datetime.now(UTC)
+                result = reconcile_pair(name, target, conn=conn, clickhouse=ch, es=es, options=options, on_progress=say)
+                report = result.as_dict()
+                if not args.no_record:
+                    report["reconcile_id"] = record_result(conn, result, started_at=started)
+                if not args.json:
+                    _print_result(result)
+                if args.repair and not result.clean:
+                    repaired = repair_result(result, conn=conn, clickhouse=ch, es=es, max_keys=args.max_repair_keys)
+                    report["repair"] = repaired.as_dict()
+                    if not args.no_record:
+                        from knowton_pipeline.lib.reconcile.record import key_text
+
+                        still = {key_text(k) for k in repaired.still_different}
+                        keys = [*result.differences.missing_in_target, *result.differences.extra_in_target]
+                        keys += list(result.differences.different)
+                        mark_repaired(
+                            conn, report["reconcile_id"], {key_text(k): key_text(k) not in still for k in keys}
+                        )
+                    if not args.json:
+                        state = (
+                            "verified clean" if repaired.verified else f"{len(repaired.still_different)} still differ"
+                        )
+                        print(f"  repaired {repaired.requested} key(s) at LSN {repaired.snapshot_lsn}: {state}")
+                    remaining_drift |= not repaired.verified
+                else:
+                    remaining_drift |= not result.clean
+                reports.append(report)
+    finally:
+        es.close()
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        for r in results:
-            d = r.differences
-            verdict = "clean" if r.clean else f"DRIFT: {d.total} key(s)"
-            print(
-                f"{r.table} -> {r.target}: {verdict}  ({r.source_rows} rows in PostgreSQL, {r.target_rows} in "
-                f"{r.target}; {r.stats.segments_checked} segments, {r.stats.rows_compared} rows compared, "
-                f"{r.seconds:.2f} s)"
-            )
-            for label, keys in (("missing in target", d.missing_in_target), ("extra in target", d.extra_in_target)):
-                if keys:
-                    print(f"  {label}: {len(keys)}: {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}")
-            for key, columns in list(d.different.items())[:10]:
-                print(f"  different: {key}: {', '.join(columns)}")
-    return 0 if all(r.clean for r in results) else 1
+        print(json.dumps(reports, indent=2))
+    return 1 if remaining_drift else 0
 
 
 def _env_cmd(args: argparse.Namespace, settings: Settings) -> int:
@@ -216,12 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=_sync_cmd)
 
     rc = sub.add_parser(
-        "reconcile", help="compare a table with its ClickHouse mirror: exit 0 clean, 1 drift found, 2 error"
+        "reconcile",
+        help="compare tables with their ClickHouse mirrors and search indices: exit 0 clean, 1 drift, 2 error",
+        description=(
+            "Compare PostgreSQL with ClickHouse and Elasticsearch and list the exact differing keys. Exit code 0: "
+            "clean; 1: drift found (with --repair: drift that repair did not fix); 2: error, no verdict."
+        ),
     )
-    rc.add_argument("--table", default="all", help="User, Content, Purchase or all (default)")
-    rc.add_argument("--target", default="clickhouse", choices=["clickhouse", "elasticsearch"])
+    rc.add_argument("--table", default="all", help="User, Content, Purchase, user_activity, content_sales_daily or all")
+    rc.add_argument("--target", default="all", help="clickhouse, elasticsearch or all (default)")
+    how = rc.add_mutually_exclusive_group()
+    how.add_argument("--full", action="store_true", help="also stream and hash every search document")
+    how.add_argument("--incremental", action="store_true", help="only rows changed in the last --window-minutes")
+    rc.add_argument("--window-minutes", type=float, default=60.0, help="incremental window (plus a 5 min margin)")
     rc.add_argument("--threshold", type=int, default=256, help="segment size compared row by row")
-    rc.add_argument("--json", action="store_true")
+    rc.add_argument("--settle", type=float, default=5.0, help="seconds before differences are re-checked (0: never)")
+    rc.add_argument("--repair", action="store_true", help="re-sync the differing keys from PostgreSQL and re-verify")
+    rc.add_argument("--max-repair-keys", type=int, default=10_000, help="refuse to repair more keys than this")
+    rc.add_argument("--no-record", action="store_true", help="do not store the result in ops.reconcile_runs")
+    rc.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     rc.set_defaults(func=_reconcile_cmd)
 
     en = sub.add_parser("env", help="print `export` lines for the settings (for dagster commands)")

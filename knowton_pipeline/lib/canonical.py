@@ -40,8 +40,7 @@ import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from psycopg import sql
 
-from knowton_pipeline.catalog import Column, SyncedTable
-from knowton_pipeline.lib.sync.writers import CLICKHOUSE_DATABASE
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, Column, SyncedTable
 from knowton_pipeline.lib.transform import (
     CLICKHOUSE_DELETED_COLUMN,
     ES_DELETED_FIELD,
@@ -387,6 +386,11 @@ def _spell(field: _Field, value: Any) -> str:
 # Python
 
 
+def column_names(table: SyncedTable, target: Target = "clickhouse") -> list[str]:
+    """The PostgreSQL names of the columns a canonical string holds, in its order."""
+    return [f.column.name for f in _plan(table, target).fields]
+
+
 def canonical_from_row(table: SyncedTable, row: Mapping[str, Any], *, target: Target = "clickhouse") -> str:
     """The canonical string of a row keyed by PostgreSQL column name, Python-typed as psycopg or
     `debezium.decode_row` give it. Raises KeyError for a missing column, TypeError/ValueError for a value of the
@@ -446,6 +450,30 @@ def canonical_from_es_source(table: SyncedTable, source: Mapping[str, Any]) -> s
     bad value: a field `to_es_document` cannot have written (hand-edited, missing) is `\\!`, so the document
     shows as different instead of aborting its segment."""
     return SEPARATOR.join([_es_field(f, source) for f in _plan(table, "elasticsearch").fields])
+
+
+# The stored hash split into three 20-bit parts: Elasticsearch sums numbers as doubles, exact below 2**53, so each
+# part's sum stays exact up to 2**33 documents and the three sums give the exact 60-bit sum.
+ES_HASH_FIELD = "row_hash"
+ES_HASH_PARTS = ("row_hash_hi", "row_hash_mid", "row_hash_lo")
+_PART_BITS = 20
+_PART_MASK = (1 << _PART_BITS) - 1
+
+
+def es_hash_fields(table: SyncedTable, document: Mapping[str, Any]) -> dict[str, Any]:
+    """The hash fields the writer stores beside a live document's columns: `row_hash` (decimal text) and its parts."""
+    h = row_hash(canonical_from_es_source(table, document))
+    return {
+        ES_HASH_FIELD: str(h),
+        ES_HASH_PARTS[0]: h >> (2 * _PART_BITS),
+        ES_HASH_PARTS[1]: (h >> _PART_BITS) & _PART_MASK,
+        ES_HASH_PARTS[2]: h & _PART_MASK,
+    }
+
+
+def es_hash_from_parts(hi: float, mid: float, lo: float) -> int:
+    """The exact sum of stored hashes from the sums of their parts (as Elasticsearch's `sum` returns them)."""
+    return (int(hi) << (2 * _PART_BITS)) + (int(mid) << _PART_BITS) + int(lo)
 
 
 def python_segment_checksum(

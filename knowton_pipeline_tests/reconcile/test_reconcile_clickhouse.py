@@ -3,77 +3,138 @@ and for changed rows the columns, nothing else."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import psycopg
+import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 
-from knowton_pipeline.catalog import table
-from knowton_pipeline.lib.reconcile.clickhouse_target import ClickHouseReconciler, ReconcileResult
-from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.cli import main
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.sync.conftest import insert_user, new_address
+from knowton_pipeline_tests.reconcile.conftest import Reconcile, new_keys
+from knowton_pipeline_tests.sync.conftest import insert_user, new_address, wait_for_cdc
 
 
-def reconcile(settings: Settings, ch: ClickHouseClient, name: str, threshold: int = 16) -> ReconcileResult:
-    with psycopg.connect(**settings.pg_conninfo()) as conn:  # type: ignore[arg-type]
-        return ClickHouseReconciler(conn, ch, table(name), threshold=threshold, fanout=8).run()
+def _copy_with(ch: ClickHouseClient, address: str, replace: str) -> None:
+    """Write a copy of a mirror row with some columns replaced (aliases shadow columns in ClickHouse's
+    WHERE, so the source row is named through the table alias)."""
+    ch.command(
+        f"INSERT INTO knowton.users SELECT * REPLACE ({replace}) FROM knowton.users AS u FINAL "
+        "WHERE u.address = {a:String}",
+        parameters={"a": address},
+    )
 
 
 def test_rows_deleted_edited_and_added_in_the_mirror_are_reported_exactly(
-    caught_up: None,
-    apply: Callable[[], ApplyStats],
-    settings: Settings,
-    pg: psycopg.Connection,
-    ch: ClickHouseClient,
+    caught_up: None, apply: Callable[[], ApplyStats], pg: psycopg.Connection, ch: ClickHouseClient, reconcile: Reconcile
 ) -> None:
     users = [insert_user(pg, reputation=i) for i in range(40)]
     apply()
-    before = reconcile(settings, ch, "User")
-    deleted, edited = users[3], users[17]
-    extra = new_address()
+    before = reconcile("User")
+    deleted, edited, extra = users[3], users[17], new_address()
     ch.command(
         "ALTER TABLE knowton.users DELETE WHERE address = {a:String} SETTINGS mutations_sync = 1",
         parameters={"a": deleted},
     )
-    ch.command(
-        "INSERT INTO knowton.users SELECT * REPLACE (reputation + 100 AS reputation, version + 1 AS version) "
-        "FROM knowton.users FINAL WHERE address = {a:String}",
-        parameters={"a": edited},
-    )
-    [template] = list(
-        ch.query(
-            "SELECT * FROM knowton.users FINAL WHERE address = {a:String}", parameters={"a": users[0]}
-        ).named_results()
-    )
-    ch.insert("knowton.users", [list({**template, "address": extra}.values())], column_names=list(template))
-    after = reconcile(settings, ch, "User")
-    d0, d1 = before.differences, after.differences
-    assert sorted(set(d1.missing_in_target) - set(d0.missing_in_target)) == [deleted]
-    assert sorted(set(d1.extra_in_target) - set(d0.extra_in_target)) == [extra]
-    new_different = {k: v for k, v in d1.different.items() if k not in d0.different}
-    assert new_different == {edited: ["reputation"]}
-    assert after.target_rows == before.target_rows  # one row fewer, one more
-    assert after.source_rows == before.source_rows
+    _copy_with(ch, edited, "reputation + 100 AS reputation, version + 1 AS version")
+    _copy_with(ch, users[0], f"'{extra}' AS address")
+    after = reconcile("User")
+    assert new_keys(after, before) == {"missing": [deleted], "extra": [extra], "different": {edited: ["reputation"]}}
+    assert (after.source_rows, after.target_rows) == (before.source_rows, before.target_rows)
     # Only mismatching segments travel: far fewer rows than the table.
-    assert after.stats.rows_compared < max(200, after.source_rows)
+    assert after.stats.rows_compared < max(400, after.source_rows // 4)
+    assert after.first_pass == after.differences.total and after.in_flight == []
 
 
-def test_knowton_reconcile_exit_codes_and_json_follow_the_verdict(
-    caught_up: None, settings: Settings, pg: psycopg.Connection, ch: ClickHouseClient, capsys
+def test_a_change_made_while_the_apply_is_paused_is_reported_until_it_is_applied(
+    caught_up: None, apply: Callable[[], ApplyStats], pg: psycopg.Connection, settings, reconcile: Reconcile
 ) -> None:  # type: ignore[no-untyped-def]
-    import json
+    before = reconcile("User")
+    [old] = pg.execute('SELECT address FROM "User" ORDER BY address LIMIT 1').fetchone()  # type: ignore[misc]
+    fresh = insert_user(pg)
+    pg.execute('UPDATE "User" SET bio = %s, "updatedAt" = now() WHERE address = %s', (f"paused {fresh}", old))
+    wait_for_cdc(settings)  # in Kafka, not applied: the apply is paused
+    for mode in ("checksum", "incremental"):
+        paused = reconcile("User", mode=mode)
+        found = new_keys(paused, before)
+        assert found["missing"] == [fresh], mode
+        assert found["different"] == {old: ["bio", "updatedAt"]}, mode
+    apply()
+    assert new_keys(reconcile("User"), before) == {"missing": [], "extra": [], "different": {}}
 
-    from knowton_pipeline.cli import main
 
+def test_incremental_mode_checks_only_the_window(
+    caught_up: None, pg: psycopg.Connection, ch: ClickHouseClient, reconcile: Reconcile
+) -> None:
+    # A row last changed long ago, edited in the mirror: only a full pass can see it.
+    [old] = pg.execute(
+        """SELECT address FROM "User" WHERE "updatedAt" < now() - interval '1 day' ORDER BY address DESC LIMIT 1"""
+    ).fetchone()  # type: ignore[misc]
+    before = reconcile("User")
+    _copy_with(ch, old, "concat(username, '!') AS username, version + 1 AS version")
+    assert old in reconcile("User").differences.different
+    incremental = reconcile("User", mode="incremental")
+    assert old not in incremental.differences.different
+    assert incremental.source_rows < before.source_rows  # it looked at the window, not the table
+
+
+def test_store_down_mid_run_gives_an_error_and_no_verdict(settings, ch: ClickHouseClient) -> None:  # type: ignore[no-untyped-def]
+    from knowton_pipeline.catalog import table
+    from knowton_pipeline.lib.reconcile.engine import ReconcileError, ReconcileOptions, build_reconciler
+
+    [some] = ch.query("SELECT address FROM knowton.users FINAL WHERE is_deleted = 0 LIMIT 1").result_rows[0]
+    _copy_with(ch, some, f"'{new_address()}' AS address")  # drift, so the run must go back to PostgreSQL
+    with (
+        psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn,  # type: ignore[arg-type]
+        psycopg.connect(**settings.pg_conninfo(), autocommit=True) as killer,  # type: ignore[arg-type]
+    ):
+        pid = conn.info.backend_pid
+
+        def kill_source(_message: str) -> None:  # PostgreSQL drops the reconciler's session after the first step
+            killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        reconciler = build_reconciler(
+            table("User"),
+            "clickhouse",
+            conn=conn,
+            clickhouse=ch,
+            options=ReconcileOptions(threshold=8),
+            on_progress=kill_source,
+        )
+        with pytest.raises(ReconcileError, match=r"User with clickhouse stopped after .* no verdict"):
+            reconciler.run()
+
+
+def test_knowton_reconcile_exit_codes_json_diff_table_and_repair(
+    caught_up: None, pg: psycopg.Connection, ch: ClickHouseClient, capsys
+) -> None:  # type: ignore[no-untyped-def]
     extra = new_address()
-    [template] = list(ch.query("SELECT * FROM knowton.users FINAL LIMIT 1").named_results())
-    ch.insert("knowton.users", [list({**template, "address": extra}.values())], column_names=list(template))
-    code = main(["reconcile", "--table", "User", "--json", "--threshold", "32"])
+    [some] = pg.execute('SELECT address FROM "User" ORDER BY address DESC LIMIT 1').fetchone()  # type: ignore[misc]
+    _copy_with(ch, some, f"'{extra}' AS address")
+    args = ["reconcile", "--table", "User", "--target", "clickhouse", "--json", "--threshold", "32", "--settle", "0.5"]
+    code = main(args)
     [report] = json.loads(capsys.readouterr().out)
     assert code == 1 and report["clean"] is False
-    assert report["table"] == "User" and report["target"] == "clickhouse"
-    assert report["extra_in_target"] >= 1 and report["source_rows"] > 0
+    assert (report["table"], report["target"], report["mode"]) == ("User", "clickhouse", "checksum")
+    assert extra in report["sample_extra"] or report["extra_in_target"] > 20
+    recorded = pg.execute(
+        "SELECT kind FROM ops.reconcile_diffs WHERE reconcile_id = %s AND key = %s", (report["reconcile_id"], extra)
+    ).fetchall()
+    assert recorded == [("extra",)]
+    # --repair: re-sync every differing key, re-verify, mark them; the exit code says what is left.
+    assert main([*args, "--repair"]) == 0
+    [repaired] = json.loads(capsys.readouterr().out)
+    assert repaired["repair"]["verified"] is True and repaired["repair"]["tombstones"] >= 1
+    assert pg.execute(
+        "SELECT verified FROM ops.reconcile_diffs WHERE reconcile_id = %s AND key = %s",
+        (repaired["reconcile_id"], extra),
+    ).fetchall() == [(True,)]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)[0]["clean"] is True
+    # Bad input: a clear error, exit 2.
     assert main(["reconcile", "--table", "Nope"]) == 2
     assert "unknown table 'Nope'" in capsys.readouterr().err
-    assert main(["reconcile", "--target", "elasticsearch"]) == 2
+    assert main(["reconcile", "--target", "mongodb"]) == 2
+    assert "unknown target 'mongodb'" in capsys.readouterr().err
+    assert main(["reconcile", "--table", "Purchase", "--target", "elasticsearch"]) == 2
+    assert "Purchase is not synced to elasticsearch" in capsys.readouterr().err

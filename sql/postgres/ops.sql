@@ -34,3 +34,36 @@ CREATE TABLE IF NOT EXISTS ops.backfill_progress (
     finished_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (root_run_id, asset, day)
 );
+
+-- One row per reconciliation of a table with a target (the `reconcile` job, `knowton reconcile`).
+CREATE TABLE IF NOT EXISTS ops.reconcile_runs (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dagster_run_id   text             NULL,
+    table_name       text             NOT NULL,
+    target           text             NOT NULL,
+    mode             text             NOT NULL,
+    started_at       timestamptz      NOT NULL,
+    seconds          double precision NOT NULL,
+    source_rows      bigint           NOT NULL,
+    target_rows      bigint           NOT NULL,
+    missing          integer          NOT NULL,
+    extra            integer          NOT NULL,
+    different        integer          NOT NULL,
+    in_flight        integer          NOT NULL,
+    rows_compared    bigint           NOT NULL,
+    keys_recorded    integer          NOT NULL,
+    clean            boolean          NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS reconcile_runs_latest ON ops.reconcile_runs (table_name, target, id DESC);
+
+-- The differing keys of a reconciliation (key as text), what repair re-syncs and re-verifies.
+CREATE TABLE IF NOT EXISTS ops.reconcile_diffs (
+    reconcile_id  bigint      NOT NULL REFERENCES ops.reconcile_runs (id) ON DELETE CASCADE,
+    key           text        NOT NULL,
+    kind          text        NOT NULL CHECK (kind IN ('missing', 'extra', 'different')),
+    columns       text[]      NOT NULL DEFAULT '{}',
+    repaired_at   timestamptz NULL,
+    verified      boolean     NULL,
+    PRIMARY KEY (reconcile_id, key)
+);

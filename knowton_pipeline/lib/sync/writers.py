@@ -20,10 +20,9 @@ from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import ApiError, Elasticsearch
 
-from knowton_pipeline.catalog import SyncedTable
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, SyncedTable
+from knowton_pipeline.lib.canonical import es_hash_fields
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
-
-CLICKHOUSE_DATABASE = "knowton"
 
 
 class TransientStoreError(RuntimeError):
@@ -163,6 +162,9 @@ class ElasticsearchWriter:
                     indexed_at=now,
                     enrichment=item.enrichment,
                 )
+                if not item.deleted:
+                    # What was written, hashed: a fast checksum of the index needs no document to travel.
+                    doc.update(es_hash_fields(item.table, doc))
                 key = tuple(item.row[k] for k in item.table.key)
                 doc_id = document_id(item.table, key)
             except (ValueError, TypeError, KeyError) as exc:

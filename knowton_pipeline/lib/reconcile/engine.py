@@ -1,0 +1,362 @@
+"""Reconcile a PostgreSQL table with one target (a ClickHouse mirror or an Elasticsearch index).
+
+Modes:
+- `checksum`: every row. Per-day counts and checksums of the whole table, then bisection of the key
+  segments whose checksums differ, down to a row-by-row comparison of small segments. ClickHouse
+  computes its checksums from the mirror's data; Elasticsearch sums the hash the writer stored.
+- `full`: as `checksum`, and an Elasticsearch index is streamed and hashed from `_source`, so an edit
+  made directly in the index is caught. (A mirror's checksum already comes from its data.)
+- `incremental`: only the keys whose updated-at falls in the window (plus a margin) on either side,
+  compared row by row. Hard deletes leave no updated-at behind: the daily full run finds those.
+
+Differences found in the first pass are re-checked after `settle_seconds`: a key is reported only when
+both sides held still in between and still differ; a key that kept changing is in flight, not drift,
+so a busy, healthy pipeline raises no alarm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import elastic_transport
+import psycopg
+from clickhouse_connect.driver import exceptions as ch_errors
+from elasticsearch import ApiError
+
+from knowton_pipeline.catalog import SyncedTable
+from knowton_pipeline.lib import canonical
+from knowton_pipeline.lib.errors import describe_error
+from knowton_pipeline.lib.reconcile.bisect import BisectStats, Checksum, Differences, Key, Segment, find_differences
+from knowton_pipeline.lib.reconcile.sides import Side
+
+Mode = Literal["incremental", "checksum", "full"]
+MODES: tuple[str, ...] = ("incremental", "checksum", "full")
+TARGETS: tuple[str, ...] = ("clickhouse", "elasticsearch")
+Pair = tuple[str | None, str | None]  # (source, target) canonical strings of a key; None: no live row
+
+STORE_ERRORS = (psycopg.Error, ch_errors.Error, ApiError, elastic_transport.TransportError, OSError)
+
+
+class ReconcileError(RuntimeError):
+    """A store failed mid-run: there is no verdict, and no partial result is presented as one."""
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    mode: Mode = "checksum"
+    threshold: int = 256  # segments with at most this many rows on each side are compared row by row
+    fanout: int = 16
+    window: timedelta = timedelta(hours=1)  # incremental: rows changed this long ago or later...
+    margin: timedelta = timedelta(minutes=5)  # ...plus this much, for changes applied late
+    settle_seconds: float = 5.0  # wait before re-checking differences; 0 reports the first pass as is
+    recheck_rounds: int = 3
+    max_recheck: int = 10_000  # differences beyond this many are reported without a re-check
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown reconciliation mode {self.mode!r}; modes are: {', '.join(MODES)}")
+        if self.threshold < 1 or self.fanout < 2:
+            raise ValueError("threshold must be at least 1 and fanout at least 2")
+
+
+@dataclass
+class ReconcileResult:
+    table: str
+    target: str
+    mode: str
+    source_rows: int
+    target_rows: int
+    differences: Differences
+    stats: BisectStats
+    seconds: float
+    in_flight: list[Key] = field(default_factory=list)  # still changing after every re-check: not reported
+    unconfirmed: int = 0  # differences reported without a re-check (beyond max_recheck)
+    day_counts: dict[date | None, tuple[int, int]] = field(default_factory=dict)  # days whose counts differ
+    columns: dict[str, int] = field(default_factory=dict)  # differing column -> keys
+    first_pass: int = 0  # differences before the re-check
+
+    @property
+    def clean(self) -> bool:
+        return self.differences.total == 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.source_rows / self.seconds if self.seconds else 0.0
+
+    def as_dict(self, sample: int = 20) -> dict[str, Any]:
+        d = self.differences
+        return {
+            "table": self.table,
+            "target": self.target,
+            "mode": self.mode,
+            "clean": self.clean,
+            "source_rows": self.source_rows,
+            "target_rows": self.target_rows,
+            "missing_in_target": len(d.missing_in_target),
+            "extra_in_target": len(d.extra_in_target),
+            "different": len(d.different),
+            "sample_missing": [str(k) for k in d.missing_in_target[:sample]],
+            "sample_extra": [str(k) for k in d.extra_in_target[:sample]],
+            "sample_different": {str(k): cols for k, cols in list(d.different.items())[:sample]},
+            "differing_columns": self.columns,
+            "days_with_count_mismatch": {
+                str(day): {"source": s, "target": t} for day, (s, t) in sorted(self.day_counts.items(), key=str)
+            },
+            "in_flight": len(self.in_flight),
+            "first_pass_differences": self.first_pass,
+            "unconfirmed": self.unconfirmed,
+            "segments_checked": self.stats.segments_checked,
+            "rows_compared": self.stats.rows_compared,
+            "seconds": round(self.seconds, 3),
+            "rows_per_second": round(self.rows_per_second, 1),
+        }
+
+
+def _total(days: dict[date | None, Checksum]) -> Checksum:
+    return Checksum(sum(c.count for c in days.values()), sum(c.total for c in days.values()))
+
+
+class Reconciler:
+    """One table against one target; `source` and `target` are sides (see sides.py) over the same columns."""
+
+    def __init__(
+        self,
+        table: SyncedTable,
+        target_name: str,
+        source: Side,
+        target: Side,
+        options: ReconcileOptions | None = None,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+        now: Callable[[], datetime] | None = None,
+    ):
+        self.table, self.target_name = table, target_name
+        self.source, self.target = source, target
+        self.options = options or ReconcileOptions()
+        self.columns = canonical.column_names(
+            table, "elasticsearch" if target_name == "elasticsearch" else "clickhouse"
+        )
+        self._integer_key = table.column(table.key[0]).type in ("int", "bigint")
+        self._on_progress = on_progress or (lambda _message: None)
+        self._now = now or (lambda: datetime.now(UTC))
+        self._counts: dict[Segment, tuple[int, int]] = {}
+        self._root: tuple[Checksum, Checksum] | None = None
+        self._seen: dict[Key, Pair] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # --- both sides at once --------------------------------------------------------------------
+    def _both(self, on_source: Callable[[], Any], on_target: Callable[[], Any]) -> tuple[Any, Any]:
+        """Run the two stores' halves of a question concurrently: each computes inside its own process."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile-target")
+        future = self._pool.submit(on_target)
+        try:
+            s = on_source()
+        finally:
+            t = future.result()
+        return s, t
+
+    # --- the bisection's callbacks ---------------------------------------------------------------
+    def checksums(self, seg: Segment) -> tuple[Checksum, Checksum]:
+        if seg == Segment() and self._root is not None:
+            s, t = self._root
+        else:
+            s, t = self._both(lambda: self.source.checksum(seg), lambda: self.target.checksum(seg))
+        self._counts[seg] = (s.count, t.count)
+        return s, t
+
+    def split_points(self, seg: Segment, parts: int, from_target: bool) -> list[Key]:
+        side = self.target if from_target else self.source
+        if self._integer_key:
+            # Integer keys are cut arithmetically between the side's smallest and largest key: an indexed
+            # min/max instead of numbering every row of the segment. Gaps only make some parts empty.
+            bounds = side.key_bounds(seg)
+            if bounds is None:
+                return []
+            lo, hi = int(bounds[0]), int(bounds[1])
+            points = sorted({lo + (hi - lo + 1) * i // parts for i in range(1, parts)} - {lo})
+            return [p for p in points if lo < p <= hi]
+        count = self._counts.get(seg, (0, 0))[1 if from_target else 0]
+        return side.split_points(seg, parts, count)
+
+    def compare_rows(self, seg: Segment) -> tuple[Differences, int]:
+        source, target = self._both(lambda: self.source.rows(seg), lambda: self.target.rows(seg))
+        return self._compare(source, target), len(source) + len(target)
+
+    # --- comparison ----------------------------------------------------------------------------
+    def _differing_columns(self, a: str, b: str) -> list[str]:
+        x, y = a.split(canonical.SEPARATOR), b.split(canonical.SEPARATOR)
+        return [n for n, u, v in zip(self.columns, x, y, strict=False) if u != v] or ["(row)"]
+
+    def _classify(self, pairs: dict[Key, Pair]) -> Differences:
+        diffs = Differences()
+        for key, (a, b) in pairs.items():
+            if a is not None and b is None:
+                diffs.missing_in_target.append(key)
+            elif a is None and b is not None:
+                diffs.extra_in_target.append(key)
+            elif a is not None and b is not None and a != b:
+                diffs.different[key] = self._differing_columns(a, b)
+        return diffs
+
+    def _compare(self, source: dict[Key, str], target: dict[Key, str]) -> Differences:
+        pairs: dict[Key, Pair] = {}
+        for key in source.keys() | target.keys():
+            a, b = source.get(key), target.get(key)
+            if a != b:
+                pairs[key] = (a, b)
+        self._seen.update(pairs)
+        return self._classify(pairs)
+
+    def _compare_keys(self, keys: Sequence[Key]) -> tuple[dict[Key, str], dict[Key, str]]:
+        return self._both(lambda: self.source.rows_for_keys(keys), lambda: self.target.rows_for_keys(keys))
+
+    def differing_keys(self, keys: Sequence[Key]) -> list[Key]:
+        """Which of `keys` differ between the two sides right now (no re-check)."""
+        try:
+            source, target = self._compare_keys(keys)
+        finally:
+            self.close()
+        return [k for k in keys if source.get(k) != target.get(k)]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # --- the in-flight re-check -----------------------------------------------------------------
+    def _settle(self, first: Differences) -> tuple[Differences, list[Key], int]:
+        """Keep the differences that hold still; return them, the keys still moving, and how many went unchecked."""
+        opts = self.options
+        keys = [*first.missing_in_target, *first.extra_in_target, *first.different]
+        if opts.settle_seconds <= 0 or not keys:
+            return first, [], 0
+        checked, unchecked = keys[: opts.max_recheck], keys[opts.max_recheck :]
+        confirmed: dict[Key, Pair] = {k: self._seen[k] for k in unchecked}
+        previous = {k: self._seen[k] for k in checked}
+        pending = checked
+        for round_ in range(opts.recheck_rounds):
+            if not pending:
+                break
+            self._on_progress(
+                f"re-checking {len(pending)} differing key(s) in {opts.settle_seconds:g} s (round {round_ + 1})"
+            )
+            time.sleep(opts.settle_seconds)
+            source, target = self._compare_keys(pending)
+            moving = []
+            for key in pending:
+                now = (source.get(key), target.get(key))
+                if now[0] == now[1]:
+                    continue  # caught up: it was in flight
+                if now == previous[key]:
+                    confirmed[key] = now  # neither side moved and they still differ: drift
+                else:
+                    previous[key] = now
+                    moving.append(key)
+            pending = moving
+        return self._classify(confirmed), pending, len(unchecked)
+
+    # --- the run -------------------------------------------------------------------------------
+    def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
+        days_s, days_t = self._both(self.source.day_checksums, self.target.day_checksums)
+        self._root = (_total(days_s), _total(days_t))
+        self._on_progress(
+            f"{self.table.name}: {self._root[0].count} rows in PostgreSQL, {self._root[1].count} in {self.target_name}"
+        )
+        mismatched_days = {
+            d: (days_s.get(d, Checksum(0, 0)).count, days_t.get(d, Checksum(0, 0)).count)
+            for d in days_s.keys() | days_t.keys()
+            if days_s.get(d, Checksum(0, 0)).count != days_t.get(d, Checksum(0, 0)).count
+        }
+        diffs, stats = find_differences(
+            Segment(),
+            self.checksums,
+            self.split_points,
+            self.compare_rows,
+            threshold=self.options.threshold,
+            fanout=self.options.fanout,
+        )
+        return diffs, stats, self._root[0].count, self._root[1].count, mismatched_days
+
+    def _incremental_pass(self) -> tuple[Differences, BisectStats, int, int]:
+        since = self._now() - self.options.window - self.options.margin
+        changed_s, changed_t = self._both(
+            lambda: self.source.changed_keys(since), lambda: self.target.changed_keys(since)
+        )
+        keys = sorted(changed_s | changed_t)
+        self._on_progress(f"{self.table.name}: {len(keys)} key(s) changed since {since.isoformat()}")
+        source, target = self._compare_keys(keys)
+        stats = BisectStats(segments_compared=1, rows_compared=len(source) + len(target))
+        return self._compare(source, target), stats, len(changed_s), len(changed_t)
+
+    def run(self) -> ReconcileResult:
+        t0 = time.monotonic()
+        try:
+            day_counts: dict[date | None, tuple[int, int]] = {}
+            if self.options.mode == "incremental":
+                first, stats, source_rows, target_rows = self._incremental_pass()
+            else:
+                first, stats, source_rows, target_rows, day_counts = self._full_pass()
+            diffs, in_flight, unconfirmed = self._settle(first)
+        except STORE_ERRORS as exc:
+            raise ReconcileError(
+                f"reconciling {self.table.name} with {self.target_name} stopped after {time.monotonic() - t0:.1f} s, "
+                f"no verdict: {describe_error(exc)}"
+            ) from exc
+        finally:
+            self.close()
+        columns: dict[str, int] = {}
+        for cols in diffs.different.values():
+            for c in cols:
+                columns[c] = columns.get(c, 0) + 1
+        return ReconcileResult(
+            table=self.table.name,
+            target=self.target_name,
+            mode=self.options.mode,
+            source_rows=source_rows,
+            target_rows=target_rows,
+            differences=diffs,
+            stats=stats,
+            seconds=time.monotonic() - t0,
+            in_flight=in_flight,
+            unconfirmed=unconfirmed,
+            day_counts=day_counts,
+            columns=columns,
+            first_pass=first.total,
+        )
+
+
+def build_reconciler(
+    table: SyncedTable,
+    target: str,
+    *,
+    conn: psycopg.Connection,
+    clickhouse: Any = None,
+    es: Any = None,
+    options: ReconcileOptions | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Reconciler:
+    """The reconciler of `table` with `target` ("clickhouse" or "elasticsearch") over the given clients."""
+    from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide
+
+    options = options or ReconcileOptions()
+    if target == "clickhouse":
+        if clickhouse is None:
+            raise ValueError("reconciling with clickhouse needs a ClickHouse client")
+        side: Side = ClickHouseSide(clickhouse, table)
+    elif target == "elasticsearch":
+        if es is None:
+            raise ValueError("reconciling with elasticsearch needs an Elasticsearch client")
+        report = on_progress or (lambda _m: None)
+        side = ElasticsearchSide(
+            es, table, documents=options.mode == "full", progress=lambda n: report(f"{n} documents hashed")
+        )
+    else:
+        raise ValueError(f"unknown target {target!r}; targets are: {', '.join(TARGETS)}")
+    source = PostgresSide(conn, table, target=target)  # type: ignore[arg-type]
+    return Reconciler(table, target, source, side, options, on_progress=on_progress)

@@ -1,0 +1,114 @@
+"""What the `reconcile` job and `knowton reconcile` share: which (table, target) pairs to check, one
+reconciliation of a pair (a synced table or an aggregate), and the repair of its result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import date
+from typing import Any
+
+import psycopg
+
+from knowton_pipeline.catalog import TABLES, table
+from knowton_pipeline.lib.reconcile.aggregates import (
+    AGGREGATE_TABLES,
+    AggregateReconciler,
+    differing_days,
+    repair_days,
+)
+from knowton_pipeline.lib.reconcile.engine import TARGETS, ReconcileOptions, ReconcileResult, build_reconciler
+from knowton_pipeline.lib.reconcile.repair import RepairResult, repair_keys
+
+
+class RepairCapError(ValueError):
+    """More differing keys than the cap allows: repairing them is a backfill's job, not a repair's."""
+
+
+def plan_pairs(tables: Sequence[str] | None = None, targets: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """The (table, target) pairs to reconcile; empty selections mean all. Aggregates have the target clickhouse.
+
+    Unknown names are an error; so is naming a table with a target it is not synced to."""
+    for t in targets or ():
+        if t not in TARGETS:
+            raise ValueError(f"unknown target {t!r}; targets are: {', '.join(TARGETS)}")
+    for name in tables or ():
+        if name not in AGGREGATE_TABLES and name not in {t.name for t in TABLES}:
+            known = ", ".join([*(t.name for t in TABLES), *AGGREGATE_TABLES])
+            raise ValueError(f"unknown table {name!r}; tables are: {known}")
+    chosen_targets = list(targets or TARGETS)
+    names = list(tables or [*(t.name for t in TABLES), *AGGREGATE_TABLES])
+    pairs: list[tuple[str, str]] = []
+    for name in names:
+        for target in chosen_targets:
+            if target == "elasticsearch" and (name in AGGREGATE_TABLES or table(name).elasticsearch_index is None):
+                if tables and list(targets or ()) == ["elasticsearch"]:  # asked for explicitly: say why not
+                    raise ValueError(f"{name} is not synced to elasticsearch (it is in clickhouse only)")
+                continue
+            pairs.append((name, target))
+    return pairs
+
+
+def is_aggregate(name: str) -> bool:
+    return name in AGGREGATE_TABLES
+
+
+def reconcile_pair(
+    name: str,
+    target: str,
+    *,
+    conn: psycopg.Connection,
+    clickhouse: Any = None,
+    es: Any = None,
+    options: ReconcileOptions | None = None,
+    days: Sequence[date] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> ReconcileResult:
+    if is_aggregate(name):
+        return AggregateReconciler(conn, clickhouse, name, days=days, on_progress=on_progress).run()
+    reconciler = build_reconciler(
+        table(name), target, conn=conn, clickhouse=clickhouse, es=es, options=options, on_progress=on_progress
+    )
+    result = reconciler.run()
+    conn.rollback()
+    return result
+
+
+def repair_result(
+    result: ReconcileResult,
+    *,
+    conn: psycopg.Connection,
+    clickhouse: Any = None,
+    es: Any = None,
+    max_keys: int = 10_000,
+) -> RepairResult:
+    """Re-sync exactly the differing keys of `result` (an aggregate: recompute its differing days), then re-verify."""
+    d = result.differences
+    keys = [*d.missing_in_target, *d.extra_in_target, *d.different]
+    if len(keys) > max_keys:
+        raise RepairCapError(
+            f"{result.table} -> {result.target}: {len(keys)} differing keys, more than the repair cap of {max_keys}; "
+            "raise the cap or backfill the affected days instead"
+        )
+    if is_aggregate(result.table):
+        import time
+
+        t0 = time.monotonic()
+        days = differing_days(result)
+        written = repair_days(clickhouse, result.table, days)
+        again = AggregateReconciler(conn, clickhouse, result.table, days=days).run()
+        conn.rollback()
+        d2 = again.differences
+        return RepairResult(
+            result.table,
+            result.target,
+            requested=len(keys),
+            written=written,
+            still_different=[*d2.missing_in_target, *d2.extra_in_target, *d2.different],
+            seconds=time.monotonic() - t0,
+        )
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()
+    return repair_keys(conn, table(result.table), result.target, keys, clickhouse=clickhouse, es=es)
+
+
+__all__ = ["RepairCapError", "is_aggregate", "plan_pairs", "reconcile_pair", "repair_result"]
