@@ -57,7 +57,16 @@ def test_each_cdc_topic_is_downstream_of_its_postgres_table() -> None:
 def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
     d = _defs()
     jobs = {j.name for j in d.resolve_all_job_defs() if not j.name.startswith("__")}
-    assert jobs == {"apply_cdc", "apply_schemas", "deploy_connectors", "rebuild_search_index", "reprocess_dlq"}
+    assert jobs == {
+        "apply_cdc",
+        "apply_schemas",
+        "deploy_connectors",
+        "rebuild_search_index",
+        "reconcile",
+        "repair",
+        "reprocess_dlq",
+    }
+    assert d.resolve_job_def("repair").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("reprocess_dlq").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("apply_cdc").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     schema_job = d.resolve_job_def("apply_schemas")
@@ -75,6 +84,28 @@ def test_mirrors_sit_downstream_of_their_topic_and_contents_index_of_users_and_p
     assert contents.parent_keys == {
         dg.AssetKey(["kafka", "topics", f"cdc-{t}"]) for t in ("Content", "User", "Purchase")
     }
+
+
+def test_every_mirror_index_and_aggregate_has_a_reconcile_check_and_schedules_pick_the_mode() -> None:
+    d = _defs()
+    checked = {k.asset_key.to_user_string() for k in d.resolve_asset_graph().asset_check_keys}
+    assert checked == {
+        "clickhouse/knowton/users",
+        "clickhouse/knowton/contents",
+        "clickhouse/knowton/purchases",
+        "clickhouse/knowton/user_activity",
+        "clickhouse/knowton/content_sales_daily",
+        "elasticsearch/knowton-users",
+        "elasticsearch/knowton-contents",
+    }
+    modes = {}
+    for name in ("reconcile_hourly", "reconcile_daily"):
+        schedule = d.resolve_schedule_def(name)
+        assert schedule.job_name == "reconcile"
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+        [request] = schedule.evaluate_tick(dg.build_schedule_context()).run_requests or []
+        modes[name] = request.run_config["ops"]["reconcile_stores"]["config"]["mode"]
+    assert modes == {"reconcile_hourly": "incremental", "reconcile_daily": "full"}
 
 
 def test_sensors_snapshot() -> None:

@@ -206,9 +206,8 @@ class AggregateReconciler:
         )
 
 
-def differing_days(result: ReconcileResult) -> list[date]:
-    d = result.differences
-    keys = [*d.missing_in_target, *d.extra_in_target, *d.different]
+def differing_days(keys: Sequence[Any]) -> list[date]:
+    """The days of aggregate keys: tuples whose first value is the day, or their recorded text ("day|...")."""
     return sorted({date.fromisoformat(k[0] if isinstance(k, tuple) else str(k).split("|")[0]) for k in keys})
 
 

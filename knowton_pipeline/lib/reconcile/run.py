@@ -3,6 +3,7 @@ reconciliation of a pair (a synced table or an aggregate), and the repair of its
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
@@ -17,6 +18,7 @@ from knowton_pipeline.lib.reconcile.aggregates import (
     repair_days,
 )
 from knowton_pipeline.lib.reconcile.engine import TARGETS, ReconcileOptions, ReconcileResult, build_reconciler
+from knowton_pipeline.lib.reconcile.record import key_value
 from knowton_pipeline.lib.reconcile.repair import RepairResult, repair_keys
 
 
@@ -73,6 +75,47 @@ def reconcile_pair(
     return result
 
 
+def repair_pair(
+    name: str,
+    target: str,
+    keys: Sequence[Any],
+    *,
+    conn: psycopg.Connection,
+    clickhouse: Any = None,
+    es: Any = None,
+    max_keys: int = 10_000,
+) -> RepairResult:
+    """Re-sync exactly `keys` of a table into `target` (an aggregate: recompute the days of its keys), then
+    re-verify them. More keys than `max_keys` is refused: that is a backfill's job."""
+    if len(keys) > max_keys:
+        raise RepairCapError(
+            f"{name} -> {target}: {len(keys)} differing keys, more than the repair cap of {max_keys}; "
+            "raise the cap or backfill the affected days instead"
+        )
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()
+    if not is_aggregate(name):
+        return repair_keys(conn, table(name), target, keys, clickhouse=clickhouse, es=es)
+    t0 = time.monotonic()
+    days = differing_days(keys)
+    written = repair_days(clickhouse, name, days)
+    again = AggregateReconciler(conn, clickhouse, name, days=days).run()
+    d = again.differences
+    return RepairResult(
+        name,
+        target,
+        requested=len(keys),
+        written=written,
+        still_different=[*d.missing_in_target, *d.extra_in_target, *d.different],
+        seconds=time.monotonic() - t0,
+    )
+
+
+def result_keys(result: ReconcileResult) -> list[Any]:
+    d = result.differences
+    return [*d.missing_in_target, *d.extra_in_target, *d.different]
+
+
 def repair_result(
     result: ReconcileResult,
     *,
@@ -81,34 +124,24 @@ def repair_result(
     es: Any = None,
     max_keys: int = 10_000,
 ) -> RepairResult:
-    """Re-sync exactly the differing keys of `result` (an aggregate: recompute its differing days), then re-verify."""
-    d = result.differences
-    keys = [*d.missing_in_target, *d.extra_in_target, *d.different]
-    if len(keys) > max_keys:
-        raise RepairCapError(
-            f"{result.table} -> {result.target}: {len(keys)} differing keys, more than the repair cap of {max_keys}; "
-            "raise the cap or backfill the affected days instead"
-        )
-    if is_aggregate(result.table):
-        import time
-
-        t0 = time.monotonic()
-        days = differing_days(result)
-        written = repair_days(clickhouse, result.table, days)
-        again = AggregateReconciler(conn, clickhouse, result.table, days=days).run()
-        conn.rollback()
-        d2 = again.differences
-        return RepairResult(
-            result.table,
-            result.target,
-            requested=len(keys),
-            written=written,
-            still_different=[*d2.missing_in_target, *d2.extra_in_target, *d2.different],
-            seconds=time.monotonic() - t0,
-        )
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        conn.rollback()
-    return repair_keys(conn, table(result.table), result.target, keys, clickhouse=clickhouse, es=es)
+    """Repair exactly the differing keys of a reconciliation result."""
+    return repair_pair(
+        result.table, result.target, result_keys(result), conn=conn, clickhouse=clickhouse, es=es, max_keys=max_keys
+    )
 
 
-__all__ = ["RepairCapError", "is_aggregate", "plan_pairs", "reconcile_pair", "repair_result"]
+def recorded_keys(name: str, keys: Sequence[str]) -> list[Any]:
+    """Keys as ops.reconcile_diffs holds them (text) back as the values repair_pair takes."""
+    return list(keys) if is_aggregate(name) else [key_value(table(name), k) for k in keys]
+
+
+__all__ = [
+    "RepairCapError",
+    "is_aggregate",
+    "plan_pairs",
+    "reconcile_pair",
+    "recorded_keys",
+    "repair_pair",
+    "repair_result",
+    "result_keys",
+]

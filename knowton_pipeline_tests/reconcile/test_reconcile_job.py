@@ -1,0 +1,76 @@
+"""The `reconcile` job's asset checks against the real stack: drift is a failed check with numbers the UI
+plots and the keys in ops.reconcile_diffs; `repair` re-syncs them and the next run passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import psycopg
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+
+from knowton_pipeline.definitions import defs
+from knowton_pipeline.defs.resources import build_resources
+from knowton_pipeline_tests.sync.conftest import new_address
+
+USERS_MIRROR = dg.AssetKey(["clickhouse", "knowton", "users"])
+
+
+def _run(job: str, config: dict[str, Any], instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+    op = "reconcile_stores" if job == "reconcile" else "repair_differences"
+    return (
+        defs()
+        .resolve_job_def(job)
+        .execute_in_process(
+            run_config={"ops": {op: {"config": config}}},
+            instance=instance,
+            resources=build_resources(),
+            raise_on_error=False,
+        )
+    )
+
+
+def _evaluations(result: dg.ExecuteInJobResult) -> list[Any]:
+    return [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+
+
+def test_reconcile_job_fails_the_check_with_metadata_and_repair_makes_it_pass(
+    caught_up: None, pg: psycopg.Connection, ch: ClickHouseClient
+) -> None:
+    extra = new_address()
+    ch.command(
+        "INSERT INTO knowton.users SELECT * REPLACE ({a:String} AS address) FROM knowton.users AS u FINAL "
+        "WHERE u.is_deleted = 0 LIMIT 1",
+        parameters={"a": extra},
+    )
+    config = {"tables": ["User"], "targets": ["clickhouse"], "settle_seconds": 0.5, "error_above_keys": 0}
+    with dg.instance_for_test() as instance:
+        result = _run("reconcile", config, instance)
+        assert result.success
+        [evaluation] = _evaluations(result)  # the other checks were left out by the run config
+        assert evaluation.asset_key == USERS_MIRROR and evaluation.check_name == "matches_postgres"
+        assert evaluation.passed is False and evaluation.severity == dg.AssetCheckSeverity.ERROR
+        md = evaluation.metadata
+        assert md["differing_keys"].value >= 1 and md["extra_in_target"].value >= 1
+        assert md["source_rows"].value > 0 and isinstance(md["duration_seconds"].value, float)
+        recorded = pg.execute(
+            "SELECT kind FROM ops.reconcile_diffs WHERE reconcile_id = %s AND key = %s",
+            (md["reconcile_id"].value, extra),
+        ).fetchall()
+        assert recorded == [("extra",)]
+        # Under the threshold the same drift is a WARN.
+        warn = _evaluations(_run("reconcile", {**config, "error_above_keys": 1_000_000}, instance))
+        assert [(e.passed, e.severity) for e in warn] == [(False, dg.AssetCheckSeverity.WARN)]
+
+        repaired = _run("repair", {"tables": ["User"], "targets": ["clickhouse"]}, instance)
+        assert repaired.success
+        again = _evaluations(_run("reconcile", config, instance))
+        assert [(e.asset_key, e.passed) for e in again] == [(USERS_MIRROR, True)]
+
+
+def test_reconcile_job_refuses_an_unknown_table_without_a_verdict() -> None:
+    with dg.instance_for_test() as instance:
+        result = _run("reconcile", {"tables": ["Nope"]}, instance)
+        assert not result.success and _evaluations(result) == []
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "unknown table 'Nope'" in str(failure.event_specific_data.error)
