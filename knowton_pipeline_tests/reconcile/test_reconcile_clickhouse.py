@@ -65,15 +65,14 @@ def test_a_change_made_while_the_apply_is_paused_is_reported_until_it_is_applied
 
 
 def test_incremental_mode_checks_only_the_window(
-    caught_up: None, pg: psycopg.Connection, ch: ClickHouseClient, reconcile: Reconcile
+    caught_up: None, apply: Callable[[], ApplyStats], pg: psycopg.Connection, ch: ClickHouseClient, reconcile: Reconcile
 ) -> None:
-    # A row last changed long ago, edited in the mirror: only a full pass can see it.
-    [old] = pg.execute(
-        """SELECT address FROM "User" WHERE "updatedAt" < now() - interval '1 day' ORDER BY address DESC LIMIT 1"""
-    ).fetchone()  # type: ignore[misc]
+    # A row last changed two days ago, then edited in the mirror: only a full pass can see it.
+    old = insert_user(pg, **{"createdAt": "2025-06-01T00:00:00Z", "updatedAt": "2025-06-02T00:00:00Z"})
+    apply()
     before = reconcile("User")
     _copy_with(ch, old, "concat(username, '!') AS username, version + 1 AS version")
-    assert old in reconcile("User").differences.different
+    assert reconcile("User").differences.different.get(old) == ["username"]
     incremental = reconcile("User", mode="incremental")
     assert old not in incremental.differences.different
     assert incremental.source_rows < before.source_rows  # it looked at the window, not the table
