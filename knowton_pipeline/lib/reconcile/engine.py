@@ -146,6 +146,8 @@ class Reconciler:
         self._now = now or (lambda: datetime.now(UTC))
         self._counts: dict[Segment, tuple[int, int]] = {}
         self._root: tuple[Checksum, Checksum] | None = None
+        # Checksums of segments computed ahead, all parts of a split in one query per store.
+        self._ahead: dict[Segment, tuple[Checksum, Checksum]] = {}
         self._seen: dict[Key, Pair] = {}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -165,12 +167,26 @@ class Reconciler:
     def checksums(self, seg: Segment) -> tuple[Checksum, Checksum]:
         if seg == Segment() and self._root is not None:
             s, t = self._root
+        elif seg in self._ahead:
+            s, t = self._ahead.pop(seg)
         else:
             s, t = self._both(lambda: self.source.checksum(seg), lambda: self.target.checksum(seg))
         self._counts[seg] = (s.count, t.count)
         return s, t
 
     def split_points(self, seg: Segment, parts: int, from_target: bool) -> list[Key]:
+        """Where to cut `seg`; the checksums of the parts are computed right away, one query per store."""
+        points = self._points(seg, parts, from_target)
+        children = seg.split(points)
+        if len(children) > 1:
+            inner = [c.lo for c in children[1:]]
+            s, t = self._both(
+                lambda: self.source.split_checksums(seg, inner), lambda: self.target.split_checksums(seg, inner)
+            )
+            self._ahead.update(zip(children, zip(s, t, strict=True), strict=True))
+        return points
+
+    def _points(self, seg: Segment, parts: int, from_target: bool) -> list[Key]:
         side = self.target if from_target else self.source
         if self._integer_key:
             # Integer keys are cut arithmetically between the side's smallest and largest key: an indexed

@@ -43,6 +43,10 @@ class Side(Protocol):
 
     def checksum(self, seg: Segment) -> Checksum: ...
 
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        """The checksums of `seg.split(points)`'s parts in one pass (`points` sorted, inside `seg`, above its lo)."""
+        ...
+
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         """The smallest and largest key in `seg`, None when it is empty."""
         ...
@@ -73,6 +77,17 @@ def single_key(table: SyncedTable) -> str:
 def _chunks(keys: Sequence[Key]) -> Iterator[list[Key]]:
     for i in range(0, len(keys), KEY_CHUNK):
         yield list(keys[i : i + KEY_CHUNK])
+
+
+_PG_ARRAY = {"text": "text[]", "int": "integer[]", "bigint": "bigint[]"}
+
+
+def _buckets(rows: Sequence[Sequence[Any]], parts: int) -> list[Checksum]:
+    """Per-bucket (index, count, sum) rows as one checksum per part, empty parts included."""
+    out = [Checksum(0, 0)] * parts
+    for b, count, total in rows:
+        out[int(b)] = Checksum(int(count), int(total))
+    return out
 
 
 def _sum_by_day(rows: Sequence[Sequence[Any]]) -> dict[date | None, Checksum]:
@@ -112,6 +127,21 @@ class PostgresSide:
     def checksum(self, seg: Segment) -> Checksum:
         count, total = canonical.postgres_segment_checksum(self.conn, self.table, seg.lo, seg.hi, target=self.target)
         return Checksum(count, total)
+
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        # width_bucket counts the points at or below the key, compared in the key's (byte) collation.
+        query = sql.SQL(
+            "SELECT width_bucket({k}, %(points)s::{array}) AS b, count(*), coalesce(sum({hash}), 0) "
+            "FROM {rel} AS t WHERE {range} GROUP BY b"
+        ).format(
+            k=self._key_expr,
+            array=sql.SQL(_PG_ARRAY[self.table.column(self.key).type]),
+            hash=canonical.postgres_hash_sql(self.table, "t", target=self.target),
+            rel=self._rel,
+            range=self._range(seg),
+        )
+        params = {**canonical.segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
+        return _buckets(self.conn.execute(query, params).fetchall(), len(points) + 1)
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         query = sql.SQL("SELECT min({k}), max({k}) FROM {rel} AS t WHERE {range}").format(
@@ -191,6 +221,15 @@ class ClickHouseSide:
             self.ch, self.table, seg.lo, seg.hi, database=self.database
         )
         return Checksum(count, total)
+
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        query = (
+            f"SELECT arrayCount(p -> p <= {self._key}, {{points:Array({self._key_type})}}) AS b, count(), "
+            f"sum(toUInt128({canonical.clickhouse_hash_sql(self.table)})) FROM {self._mirror} FINAL "
+            f"WHERE {self._where(seg)} GROUP BY b"
+        )
+        params = {**canonical.segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
+        return _buckets(self.ch.query(query, parameters=params).result_rows, len(points) + 1)
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         query = f"SELECT min({self._key}), max({self._key}), count() FROM {self._mirror} FINAL WHERE {self._where(seg)}"
@@ -386,6 +425,25 @@ class ElasticsearchSide:
             track_total_hits=True,
         )
         return self._from_sums(response["aggregations"], response["hits"]["total"]["value"])
+
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        parts = seg.split(points)
+        if self.documents:
+            return [self.checksum(part) for part in parts]
+        filters = {
+            str(i): canonical.es_segment_query(self.table, part.lo, part.hi)["bool"]["filter"][0]
+            if part.lo is not None or part.hi is not None
+            else {"match_all": {}}
+            for i, part in enumerate(parts)
+        }
+        response = self.es.search(
+            index=self.index,
+            size=0,
+            query=canonical.es_segment_query(self.table, seg.lo, seg.hi),
+            aggs={"parts": {"filters": {"filters": filters}, "aggs": self._hash_sums()}},
+        )
+        buckets = response["aggregations"]["parts"]["buckets"]
+        return [self._from_sums(buckets[str(i)], buckets[str(i)]["doc_count"]) for i in range(len(parts))]
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         if self.documents:

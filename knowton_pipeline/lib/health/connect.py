@@ -1,0 +1,89 @@
+"""Kafka Connect health as one report: every connector's and task's state, the failed ones with their
+trace, connectors missing from Connect, and deployed configs that differ from `connectors/`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from knowton_pipeline.lib.connectors import diff_config
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
+
+TRACE_CHARS = 2000  # enough for the exception and its first frames; a full Java trace is far longer
+
+
+@dataclass
+class TaskState:
+    id: int
+    state: str
+    worker: str | None = None
+    trace: str | None = None
+
+
+@dataclass
+class ConnectorHealth:
+    name: str
+    state: str
+    tasks: list[TaskState] = field(default_factory=list)
+    trace: str | None = None
+    config_drift: list[str] = field(default_factory=list)  # config keys that differ from connectors/
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "FAILED" or any(t.state == "FAILED" for t in self.tasks)
+
+    @property
+    def failure_trace(self) -> str | None:
+        traces = [self.trace] + [t.trace for t in self.tasks if t.state == "FAILED"]
+        first = next((t for t in traces if t), None)
+        return first[:TRACE_CHARS] if first else None
+
+    @property
+    def running_tasks(self) -> int:
+        return sum(1 for t in self.tasks if t.state == "RUNNING")
+
+
+@dataclass
+class ConnectHealth:
+    reachable: bool
+    error: str | None = None
+    connectors: dict[str, ConnectorHealth] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # in connectors/, not in Connect
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[ConnectorHealth]:
+        return [c for c in self.connectors.values() if c.failed]
+
+    @property
+    def drifted(self) -> list[ConnectorHealth]:
+        return [c for c in self.connectors.values() if c.config_drift]
+
+    @property
+    def healthy(self) -> bool:
+        return self.reachable and not self.failed and not self.missing and not self.drifted
+
+
+def _connector(name: str, body: dict[str, Any], expected: dict[str, str] | None) -> ConnectorHealth:
+    status = body.get("status", {})
+    info = body.get("info", {})
+    tasks = [
+        TaskState(int(t.get("id", 0)), str(t.get("state", "UNKNOWN")), t.get("worker_id"), t.get("trace"))
+        for t in status.get("tasks", [])
+    ]
+    connector = status.get("connector", {})
+    drift = diff_config(info.get("config", {}), expected) if expected is not None else []
+    return ConnectorHealth(name, str(connector.get("state", "UNKNOWN")), tasks, connector.get("trace"), drift)
+
+
+def connect_health(client: KafkaConnectClient, expected: dict[str, dict[str, str]]) -> ConnectHealth:
+    """One `GET /connectors?expand=status&expand=info`; never raises for an unreachable Connect."""
+    t0 = time.monotonic()
+    try:
+        body = client.connectors_with_status()
+    except KafkaConnectError as exc:
+        return ConnectHealth(False, str(exc), seconds=time.monotonic() - t0)
+    connectors = {name: _connector(name, value, expected.get(name)) for name, value in sorted(body.items())}
+    missing = sorted(set(expected) - set(connectors))
+    return ConnectHealth(True, None, connectors, missing, time.monotonic() - t0)

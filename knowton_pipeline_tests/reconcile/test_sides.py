@@ -1,0 +1,60 @@
+"""Each store's split checksums (all parts of a split in one query) equal the parts' own checksums, for
+text and integer keys, with points taken from the keys present and points between them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+from elasticsearch import Elasticsearch
+
+from knowton_pipeline.catalog import table
+from knowton_pipeline.lib.reconcile.bisect import Segment
+from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide, Side
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline_tests.sync.conftest import insert_content, insert_user
+
+
+@pytest.mark.parametrize("name", ["User", "Content"])
+def test_split_checksums_match_the_checksums_of_each_part(
+    name: str,
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
+) -> None:
+    creator = insert_user(pg)
+    pg.execute('UPDATE "User" SET username = %s WHERE address = %s', (f"Ünïcode ✓ {creator[2:10]}", creator))
+    for i in range(12):
+        insert_content(pg, creator, title=f"t{i}")
+    apply()
+    t = table(name)
+    with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        sides: list[Side] = [
+            PostgresSide(conn, t, target="clickhouse"),
+            ClickHouseSide(ch, t),
+            PostgresSide(conn, t, target="elasticsearch"),
+            ElasticsearchSide(es, t),
+            ElasticsearchSide(es, t, documents=True),
+        ]
+        for side in sides:
+            whole = side.checksum(Segment())
+            keys = side.split_points(Segment(), 5, whole.count)
+            assert len(keys) >= 3, side.label
+            # Points at keys present, and one between two keys (not present in any store).
+            between = keys[1] + 1 if isinstance(keys[1], int) else keys[1] + " "
+            for points in (keys, sorted({*keys, between})):
+                parts = Segment().split(points)
+                ahead = side.split_checksums(Segment(), [p.lo for p in parts[1:]])
+                assert ahead == [side.checksum(p) for p in parts], side.label
+                assert sum(c.count for c in ahead) == whole.count
+                inner = Segment(keys[0], keys[-1])
+                inner_parts = inner.split(points)
+                assert side.split_checksums(inner, [p.lo for p in inner_parts[1:]]) == [
+                    side.checksum(p) for p in inner_parts
+                ], side.label
