@@ -31,6 +31,7 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import Column, SyncedTable
 from knowton_pipeline.lib import canonical, clickhouse
+from knowton_pipeline.lib.reconcile.bisect import Segment
 from knowton_pipeline.lib.reconcile.engine import ReconcileOptions, Reconciler, ReconcileResult
 from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide
 from knowton_pipeline.lib.settings import Settings
@@ -194,8 +195,8 @@ def undo(conn: psycopg.Connection, ch: Any, es: Elasticsearch | None, keys: list
         _rewrite(conn, es, keys, False)
 
 
-def touch_recent(conn: psycopg.Connection, ch: Any, n: int) -> None:
-    """`n` rows changed in the last hour, in both stores alike."""
+def touch_recent(conn: psycopg.Connection, ch: Any, es: Elasticsearch | None, n: int) -> None:
+    """`n` rows changed in the last hour, in every store alike."""
     now = datetime.now(UTC).replace(microsecond=123456) - timedelta(minutes=10)
     keys = random.Random(7).sample(range(1, conn.execute("SELECT max(id) FROM bench.events").fetchone()[0]), n)  # type: ignore[index]
     conn.execute('UPDATE bench.events SET "updatedAt" = %s WHERE id = ANY(%s)', (now, keys))
@@ -204,6 +205,8 @@ def touch_recent(conn: psycopg.Connection, ch: Any, n: int) -> None:
         f"FROM {DATABASE}.events AS e FINAL WHERE e.id IN {{keys:Array(Int64)}}",
         parameters={"ts": now.strftime("%Y-%m-%d %H:%M:%S.%f"), "keys": keys},
     )
+    if es is not None:
+        _rewrite(conn, es, keys, False)
 
 
 def main() -> None:
@@ -232,9 +235,6 @@ def main() -> None:
         ]
         f = statistics.median(floor)
         print(f"\n{rows:,} rows; floor (PostgreSQL checksum scan alone): median {f:.2f} s ({rows / f:,.0f} rows/s)")
-        source = PostgresSide(conn, TABLE, target="clickhouse")
-        per_day = statistics.median(timed(source.day_checksums)[0] for _ in range(args.repeat))
-        print(f"PostgreSQL per-day checksums alone (the source's share of a run): median {per_day:.2f} s")
         targets: list[tuple[str, Callable[[], Any], Elasticsearch | None, dict[str, Any]]] = [
             ("clickhouse", lambda: ClickHouseSide(ch, TABLE, database=DATABASE), None, {})
         ]
@@ -260,7 +260,7 @@ def main() -> None:
             assert all(r.clean for _, r in clean), "generated stores should match"
             t_clean = statistics.median(t for t, _ in clean)
             # The target's own share, alone: on a small machine both stores share the same cores.
-            t_target = statistics.median(timed(lambda s=side: s().day_checksums())[0] for _ in range(args.repeat))
+            t_target = statistics.median(timed(lambda s=side: s().checksum(Segment()))[0] for _ in range(args.repeat))
             keys = random.Random(1).sample(range(1, rows + 1), 100)
             drift(conn, ch, drift_es, keys)
             try:
@@ -278,7 +278,7 @@ def main() -> None:
                 f"{len(result.differences.different)} ({'exact' if exact else 'NOT exact'}) | "
                 f"{result.stats.rows_compared:,} (100 x threshold = {100 * args.threshold:,}) |"
             )
-        touch_recent(conn, ch, 1000)
+        touch_recent(conn, ch, es if args.es else None, 1000)
         inc = [
             timed(
                 lambda: reconciler(
