@@ -97,3 +97,6 @@ def scratch_home(settings: Settings, request: pytest.FixtureRequest) -> Iterator
     (path / "dist").symlink_to(settings.home / "dist")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+from knowton_pipeline_tests.alert_receiver import receiver  # noqa: E402, F401  (the alert webhook fixture)

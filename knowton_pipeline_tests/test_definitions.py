@@ -65,6 +65,8 @@ def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
         "reconcile",
         "repair",
         "reprocess_dlq",
+        "restart_failed_connectors",
+        "health_checks",
     }
     assert d.resolve_job_def("repair").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("reprocess_dlq").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
@@ -88,7 +90,9 @@ def test_mirrors_sit_downstream_of_their_topic_and_contents_index_of_users_and_p
 
 def test_every_mirror_index_and_aggregate_has_a_reconcile_check_and_schedules_pick_the_mode() -> None:
     d = _defs()
-    checked = {k.asset_key.to_user_string() for k in d.resolve_asset_graph().asset_check_keys}
+    checked = {
+        k.asset_key.to_user_string() for k in d.resolve_asset_graph().asset_check_keys if k.name == "matches_postgres"
+    }
     assert checked == {
         "clickhouse/knowton/users",
         "clickhouse/knowton/contents",
@@ -108,10 +112,24 @@ def test_every_mirror_index_and_aggregate_has_a_reconcile_check_and_schedules_pi
     assert modes == {"reconcile_hourly": "incremental", "reconcile_daily": "full"}
 
 
+def test_health_checks_cover_every_synced_table_and_the_replication_slot() -> None:
+    checks = {(k.asset_key.to_user_string(), k.name) for k in _defs().resolve_asset_graph().asset_check_keys}
+    for t in ("User", "Content", "Purchase"):
+        assert (f"postgres/public/{t}", "schema_matches_stores") in checks
+    assert {("postgres/ops/heartbeat", "replication_slot"), ("postgres/ops/heartbeat", "end_to_end_lag")} <= checks
+
+
 def test_sensors_snapshot() -> None:
     d = _defs()
     sensors = {s.name: d.resolve_sensor_def(s.name) for s in d.sensors or []}
-    assert set(sensors) == {"cdc_lag_sensor", "dlq_sensor"}
+    assert set(sensors) == {
+        "cdc_lag_sensor",
+        "dlq_sensor",
+        "connector_health_sensor",
+        "replication_lag_sensor",
+        "check_failure_alert_sensor",
+        "run_failure_alert_sensor",
+    }
     for sensor in sensors.values():
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 

@@ -1,7 +1,9 @@
 """One ConfigurableResource per system, configured from KNOWTON_* environment variables."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -9,6 +11,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib import clickhouse
+from knowton_pipeline.lib.health.alerts import AlertChannel, channels_from_settings
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 
 # Runs whose ops carry this pool never overlap (dagster.yaml: pools at run granularity, limit 1),
@@ -83,6 +86,17 @@ class ElasticsearchResource(dg.ConfigurableResource):
             es.close()
 
 
+class AlertsResource(dg.ConfigurableResource):
+    """Where alerts go: always the log, and the webhook of KNOWTON_ALERT_WEBHOOK_URL when it is set."""
+
+    throttle_seconds: float = 900.0
+    webhook_url: str | None = None  # read from the environment when left unset; never logged
+
+    def channels(self, logger: Any) -> list[AlertChannel]:
+        url = self.webhook_url if self.webhook_url is not None else os.environ.get("KNOWTON_ALERT_WEBHOOK_URL")
+        return channels_from_settings(url or None, logger)
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "postgres": PostgresResource(
@@ -96,6 +110,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "kafka_connect": KafkaConnectResource(url=dg.EnvVar("KNOWTON_CONNECT_URL")),
         "clickhouse_store": ClickHouseResource(dsn=dg.EnvVar("KNOWTON_CLICKHOUSE_DSN")),
         "elasticsearch": ElasticsearchResource(url=dg.EnvVar("KNOWTON_ES_URL")),
+        "alerts": AlertsResource(throttle_seconds=float(os.environ.get("KNOWTON_ALERT_THROTTLE_SECONDS", "900"))),
     }
 
 

@@ -31,7 +31,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class _Spec:
     default: str | None
-    kind: str  # "port", "int", "str", "path", "secret", "heap"
+    kind: str  # "port", "int", "str", "path", "secret", "secret-url", "heap"
     help: str
 
 
@@ -62,6 +62,10 @@ SPECS: dict[str, _Spec] = {
     "KNOWTON_KAFKA_HEAP": _Spec("512m", "heap", "Kafka broker JVM heap"),
     "KNOWTON_CONNECT_HEAP": _Spec("768m", "heap", "Kafka Connect JVM heap"),
     "KNOWTON_ES_HEAP": _Spec("768m", "heap", "Elasticsearch JVM heap"),
+    "KNOWTON_ALERT_WEBHOOK_URL": _Spec(
+        None, "secret-url", "webhook that receives alerts as Slack-compatible JSON (unset: alerts go to the log only)"
+    ),
+    "KNOWTON_ALERT_THROTTLE_SECONDS": _Spec("900", "int", "at most one alert per check or connector in this window"),
 }
 
 
@@ -74,6 +78,9 @@ def _check(name: str, raw: str) -> str:
     elif spec.kind == "int":
         if not value.isdigit() or int(value) <= 0:
             raise SettingsError(f"{name} must be a positive whole number, got {raw!r} ({spec.help})")
+    elif spec.kind == "secret-url":
+        if not value.startswith(("http://", "https://")):
+            raise SettingsError(f"{name} must be an http:// or https:// URL ({spec.help})")
     elif spec.kind == "heap":
         if not (value[:-1].isdigit() and value[-1].lower() in "mg"):
             raise SettingsError(f"{name} must be a JVM heap size such as 512m or 1g, got {raw!r} ({spec.help})")
@@ -202,10 +209,10 @@ class Settings:
 
     def describe(self) -> dict[str, str]:
         """Settings for display: secrets masked."""
-        shown = {k: v for k, v in self.values.items() if SPECS[k].kind != "secret"}
+        shown = {k: v for k, v in self.values.items() if SPECS[k].kind not in ("secret", "secret-url")}
         for name in ("KNOWTON_CLICKHOUSE_DSN", "KNOWTON_ES_URL", "KNOWTON_CONNECT_URL"):
             shown[name] = redact_dsn(shown[name])
         for name, spec in SPECS.items():
-            if spec.kind == "secret":
+            if spec.kind == "secret" or (spec.kind == "secret-url" and name in self.values):
                 shown[name] = "********"
         return shown

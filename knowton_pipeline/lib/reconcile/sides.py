@@ -36,6 +36,7 @@ class Side(Protocol):
     """What the reconciler asks of a store."""
 
     label: str
+    max_parts: int  # parts one split_checksums call may ask for
 
     def day_checksums(self) -> dict[date | None, Checksum]:
         """(count, checksum) of all live rows, per UTC creation day (None when the table has no creation day)."""
@@ -105,6 +106,7 @@ class PostgresSide:
         self.conn, self.table, self.target = conn, table, target
         self.key = single_key(table)
         self.label = "postgresql"
+        self.max_parts = 4096
         self._rel = sql.Identifier(table.schema, table.name)
         self._key_expr = sql.SQL('t.{} COLLATE "C"' if table.column(self.key).type == "text" else "t.{}").format(
             sql.Identifier(self.key)
@@ -197,6 +199,8 @@ class ClickHouseSide:
         self.ch, self.table, self.database = client, table, database
         key = single_key(table)
         self.label = "clickhouse"
+        # arrayCount compares each row with every point (PostgreSQL's width_bucket searches): keep splits small.
+        self.max_parts = 256
         self._key = canonical.backtick(table.column(key).target_name)
         self._key_type = {"text": "String", "int": "Int32", "bigint": "Int64"}[table.column(key).type]
         self._mirror = f"{canonical.backtick(database)}.{canonical.backtick(table.clickhouse_table)}"
@@ -315,6 +319,8 @@ class ElasticsearchSide:
         self.key_field = table.column(key).target_name
         self.documents = documents
         self.label = "elasticsearch"
+        # A filters aggregation costs a query per part; from memory (documents mode) parts are cheap.
+        self.max_parts = 4096 if documents else 256
         self._progress = progress
         self._created = table.column(table.created_at).target_name if table.created_at else None
         self._keys: list[Key] = []

@@ -1,0 +1,100 @@
+"""Alerts for what fails without failing a run: asset checks (a failed check does not fail its run, so a
+run-failure sensor never sees it), and for failed runs. Both go to the configured channels: the log, and
+the webhook of KNOWTON_ALERT_WEBHOOK_URL."""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from knowton_pipeline.defs.resources import AlertsResource
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+
+DONE = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
+PLOTTED = ("differing_keys", "lag_seconds", "retained_wal_bytes", "source_rows", "target_rows")
+
+
+def _evaluation(record: Any) -> Any:
+    event = record.event
+    return event.dagster_event.event_specific_data if event is not None and event.dagster_event else None
+
+
+def _fields(evaluation: Any, run_id: str) -> dict[str, str]:
+    fields = {"run": run_id}
+    metadata = getattr(evaluation, "metadata", {}) or {}
+    for name in PLOTTED:
+        if name in metadata:
+            fields[name] = str(metadata[name].value)
+    return fields
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Alerts once when an asset check starts failing (throttled per check), and once when it passes again. "
+        "Its cursor holds the last evaluation seen per check and the alert state."
+    ),
+)
+def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertsResource) -> dg.SensorResult:
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    seen: dict[str, int] = state.setdefault("seen", {})
+    book = AlertBook.from_json(state.get("alerts"))
+    keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=lambda k: k.to_user_string())  # type: ignore[union-attr]
+    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    channels = alerts.channels(context.log)
+    now, new, sent = time.time(), 0, 0
+    for key in keys:
+        record = latest.get(key)
+        name = key.to_user_string()
+        if record is None or record.status not in DONE or record.id <= seen.get(name, 0):
+            continue
+        seen[name], new = record.id, new + 1
+        evaluation = _evaluation(record)
+        failing = record.status == AssetCheckExecutionRecordStatus.FAILED
+        action = book.observe(f"check:{name}", failing, now, alerts.throttle_seconds)
+        if action is None:
+            continue
+        error = getattr(evaluation, "severity", None) == dg.AssetCheckSeverity.ERROR
+        title = f"Check {key.name} on {key.asset_key.to_user_string()}"
+        if action == "alert":
+            alert = Alert(
+                f"check:{name}",
+                "error" if error else "warning",
+                f"{title} failed",
+                getattr(evaluation, "description", None) or "no description",
+                _fields(evaluation, record.run_id),
+            )
+        else:
+            alert = Alert(f"check:{name}", "recovery", f"Recovered: {title}", "The check passes again.")
+        deliver(channels, alert, context.log)
+        sent += 1
+    state["alerts"] = book.to_json()
+    return dg.SensorResult(
+        cursor=json.dumps(state, sort_keys=True), skip_reason=f"{new} new evaluation(s), {sent} message(s) sent"
+    )
+
+
+@dg.run_failure_sensor(
+    name="run_failure_alert_sensor",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Alerts on every failed run of this code location, with the failing step's message.",
+)
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
+    run = context.dagster_run
+    message = context.failure_event.message or "no message"
+    alert = Alert(
+        f"run:{run.job_name}",
+        "error",
+        f"Run of {run.job_name} failed",
+        message[:1500],
+        {"run": run.run_id, "job": run.job_name},
+    )
+    deliver(alerts.channels(context.log), alert, context.log)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(sensors=[check_failure_alert_sensor, run_failure_alert_sensor])

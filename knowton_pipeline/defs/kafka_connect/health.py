@@ -1,0 +1,235 @@
+"""`connector_health_sensor` and `restart_failed_connectors`: Kafka Connect watched on every tick, failed
+connectors and tasks restarted with capped exponential backoff, and alerts when that is not enough.
+
+The cursor (JSON, shown on the sensor's page) keeps per connector the restart attempts, when the next
+one is due and the last failure trace, the count of ticks Connect did not answer, and the alert state.
+"""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from knowton_pipeline.catalog import CDC_TABLES
+from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR, cdc_topic_key
+from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
+from knowton_pipeline.lib.connectors import load_connector_configs
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, connect_health
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
+
+RESTART_OP = "restart_connectors"
+OBSERVE_EVERY_SECONDS = 300.0  # states are observed on change, and at least this often
+
+
+class ConnectorHealthPolicy(dg.ConfigurableResource):
+    """How the sensor acts: restart attempts and their backoff, and when an unreachable Connect is alerted."""
+
+    max_restarts: int = 5
+    backoff_seconds: float = 30.0  # before the 2nd attempt; doubles after each
+    unreachable_ticks: int = 3
+    request_timeout_seconds: float = 3.0
+
+
+class RestartConfig(dg.Config):
+    connectors: list[str] = Field(default_factory=list, description="empty: every failed connector")
+    wait_seconds: float = 60.0
+
+
+def _wait_running(client: KafkaConnectClient, name: str, wait_seconds: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + wait_seconds
+    status = None
+    while time.monotonic() < deadline:
+        status = client.status(name)
+        if (
+            status
+            and status["connector"]["state"] == "RUNNING"
+            and all(t["state"] == "RUNNING" for t in status.get("tasks", []))
+        ):
+            return status
+        time.sleep(1.0)
+    return None
+
+
+@dg.op(description="POST /connectors/{name}/restart?includeTasks=true&onlyFailed=true, then wait for RUNNING.")
+def restart_connectors(
+    context: dg.OpExecutionContext, config: RestartConfig, kafka_connect: KafkaConnectResource
+) -> dg.Output[dict[str, str]]:
+    client = kafka_connect.get_client()
+    names = config.connectors or [c.name for c in connect_health(client, {}).failed]
+    outcome: dict[str, str] = {}
+    for name in names:
+        client.restart(name, include_tasks=True, only_failed=True)
+        context.log.info(f"restart requested for {name} (failed tasks only)")
+        status = _wait_running(client, name, config.wait_seconds)
+        outcome[name] = "RUNNING" if status else "still not running"
+    stuck = [n for n, state in outcome.items() if state != "RUNNING"]
+    if stuck:
+        raise dg.Failure(f"not RUNNING {config.wait_seconds:.0f} s after the restart: {', '.join(stuck)}")
+    return dg.Output(outcome, metadata={"restarted": len(outcome), "connectors": dg.MetadataValue.json(outcome)})
+
+
+@dg.job(description="Restart failed Kafka Connect connectors and tasks; launched by connector_health_sensor.")
+def restart_failed_connectors() -> None:
+    restart_connectors()
+
+
+def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObservation]:
+    metadata: dict[str, Any] = {
+        "connector": health.name,
+        "connector_state": health.state,
+        "tasks_running": dg.IntMetadataValue(health.running_tasks),
+        "tasks_failed": dg.IntMetadataValue(sum(1 for t in health.tasks if t.state == "FAILED")),
+        "restart_attempts": dg.IntMetadataValue(attempts),
+    }
+    if health.failure_trace:
+        metadata["last_trace"] = dg.MetadataValue.md(f"```\n{health.failure_trace}\n```")
+    topics = [cdc_topic_key(t) for t in CDC_TABLES] if health.name == CDC_CONNECTOR else []
+    return [dg.AssetObservation(asset_key=key, metadata=metadata) for key in topics]
+
+
+def evaluate(
+    health: ConnectHealth,
+    state: dict[str, Any],
+    policy: ConnectorHealthPolicy,
+    now: float,
+    throttle_seconds: float,
+) -> tuple[list[dg.RunRequest], list[Alert], list[dg.AssetObservation]]:
+    """One tick's decisions, from the report and the cursor state (updated in place)."""
+    book = AlertBook.from_json(state.get("alerts"))
+    runs: list[dg.RunRequest] = []
+    alerts: list[Alert] = []
+    observations: list[dg.AssetObservation] = []
+
+    def note(key: str, failing: bool, alert: Alert) -> None:
+        action = book.observe(key, failing, now, throttle_seconds)
+        if action == "alert":
+            alerts.append(alert)
+        elif action == "recover":
+            alerts.append(Alert(key, "recovery", f"Recovered: {alert.title}", "It is healthy again."))
+
+    ticks = 0 if health.reachable else int(state.get("unreachable_ticks", 0)) + 1
+    state["unreachable_ticks"] = ticks
+    note(
+        "connect:unreachable",
+        ticks >= policy.unreachable_ticks,
+        Alert(
+            "connect:unreachable",
+            "error",
+            "Kafka Connect is unreachable",
+            f"No answer for {ticks} consecutive checks: {health.error}",
+            {"ticks": str(ticks)},
+        ),
+    )
+    if not health.reachable:
+        state["alerts"] = book.to_json()
+        return runs, alerts, observations
+
+    connectors = state.setdefault("connectors", {})
+    for name, c in health.connectors.items():
+        entry = connectors.setdefault(name, {"attempts": 0, "next_at": 0.0, "last_trace": None, "observed": None})
+        if c.failed:
+            entry["last_trace"] = c.failure_trace
+            if entry["attempts"] < policy.max_restarts and now >= entry["next_at"]:
+                entry["attempts"] += 1
+                entry["next_at"] = now + policy.backoff_seconds * 2 ** (entry["attempts"] - 1)
+                runs.append(
+                    dg.RunRequest(
+                        run_key=f"restart-{name}-{entry['attempts']}-{int(now)}",
+                        run_config={"ops": {RESTART_OP: {"config": {"connectors": [name]}}}},
+                        tags={"knowton/connector": name, "knowton/restart-attempt": str(entry["attempts"])},
+                    )
+                )
+        elif c.state == "RUNNING" and c.running_tasks == len(c.tasks):
+            entry["attempts"], entry["next_at"] = 0, 0.0
+        exhausted = c.failed and entry["attempts"] >= policy.max_restarts and now >= entry["next_at"]
+        note(
+            f"connector:{name}:failed",
+            exhausted,
+            Alert(
+                f"connector:{name}:failed",
+                "error",
+                f"Connector {name} is still FAILED after {entry['attempts']} restart(s)",
+                (c.failure_trace or "no trace")[:1500],
+                {"connector": name, "state": c.state, "restart_attempts": str(entry["attempts"])},
+            ),
+        )
+        note(
+            f"connector:{name}:config",
+            bool(c.config_drift),
+            Alert(
+                f"connector:{name}:config",
+                "warning",
+                f"Connector {name} runs a config that differs from connectors/",
+                f"Keys that differ: {', '.join(c.config_drift)}. Run deploy_connectors.",
+                {"connector": name},
+            ),
+        )
+        signature = [c.state, [t.state for t in c.tasks], entry["attempts"]]
+        last = entry.get("observed") or [None, 0.0]
+        if last[0] != signature or now - last[1] >= OBSERVE_EVERY_SECONDS:
+            observations += _observations(c, entry["attempts"])
+            entry["observed"] = [signature, now]
+    for name in sorted(set(load_connector_configs()) | set(health.missing)):
+        note(
+            f"connector:{name}:missing",
+            name in health.missing,
+            Alert(
+                f"connector:{name}:missing",
+                "error",
+                f"Connector {name} is not deployed",
+                "It is in connectors/ but Kafka Connect does not have it. Run deploy_connectors.",
+                {"connector": name},
+            ),
+        )
+    state["alerts"] = book.to_json()
+    return runs, alerts, observations
+
+
+@dg.sensor(
+    job=restart_failed_connectors,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Polls Kafka Connect (GET /connectors?expand=status): records states on the cdc topics, restarts failed "
+        "connectors and tasks with capped exponential backoff, alerts when Connect is unreachable or restarts run out."
+    ),
+)
+def connector_health_sensor(
+    context: dg.SensorEvaluationContext,
+    kafka_connect: KafkaConnectResource,
+    alerts: AlertsResource,
+    connector_health_policy: ConnectorHealthPolicy,
+) -> dg.SensorResult:
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    client = KafkaConnectClient(kafka_connect.url, timeout=connector_health_policy.request_timeout_seconds)
+    try:
+        health = connect_health(client, load_connector_configs())
+    except KafkaConnectError as exc:  # an answer that is not JSON, say
+        health = ConnectHealth(False, str(exc))
+    runs, to_send, observations = evaluate(health, state, connector_health_policy, time.time(), alerts.throttle_seconds)
+    channels = alerts.channels(context.log)
+    for alert in to_send:
+        deliver(channels, alert, context.log)
+    summary = (
+        f"Kafka Connect unreachable ({state['unreachable_ticks']} tick(s)): {health.error}"
+        if not health.reachable
+        else f"{len(health.connectors)} connector(s), {len(health.failed)} failed, {len(runs)} restart(s) requested"
+    )
+    return dg.SensorResult(
+        run_requests=runs,
+        asset_events=observations,
+        cursor=json.dumps(state, sort_keys=True),
+        skip_reason=None if runs else summary,
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(
+        jobs=[restart_failed_connectors],
+        sensors=[connector_health_sensor],
+        resources={"connector_health_policy": ConnectorHealthPolicy()},
+    )

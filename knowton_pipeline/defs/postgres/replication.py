@@ -1,0 +1,150 @@
+"""Replication health on the PostgreSQL side: asset checks on `postgres/ops/heartbeat` (the slot, and
+end-to-end lag from the heartbeat) and `replication_lag_sensor`, which records both as numbers the UI
+plots and alerts when either turns to ERROR."""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+
+from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.defs.postgres.assets import postgres_table_key
+from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+from knowton_pipeline.lib.health.replication import (
+    LagHealth,
+    LagThresholds,
+    SlotHealth,
+    SlotThresholds,
+    applied_heartbeat,
+    heartbeat_lag,
+    slot_health,
+)
+
+HEARTBEAT_ASSET = postgres_table_key(HEARTBEAT)
+SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR, "ok": dg.AssetCheckSeverity.WARN}
+
+
+class ReplicationThresholds(dg.ConfigurableResource):
+    """WARN/ERROR thresholds of the replication checks and of replication_lag_sensor."""
+
+    lag_warn_seconds: float = 30.0
+    lag_error_seconds: float = 60.0
+    retained_warn_bytes: int = 1 << 30
+    retained_error_bytes: int = 8 << 30
+
+    def lag(self) -> LagThresholds:
+        return LagThresholds(self.lag_warn_seconds, self.lag_error_seconds)
+
+    def slot(self) -> SlotThresholds:
+        return SlotThresholds(self.retained_warn_bytes, self.retained_error_bytes)
+
+
+def _slot_metadata(s: SlotHealth) -> dict[str, Any]:
+    return {
+        "slot": s.slot,
+        "present": s.present,
+        "active": s.active,
+        "wal_status": s.wal_status or "",
+        "retained_wal_bytes": dg.IntMetadataValue(s.retained_bytes),
+    }
+
+
+def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
+    return {
+        "lag_seconds": dg.FloatMetadataValue(round(lag.lag_seconds, 3) if lag.lag_seconds is not None else -1.0),
+        "applied_heartbeat": lag.applied_heartbeat.isoformat() if lag.applied_heartbeat else "",
+    }
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            "replication_slot",
+            asset=HEARTBEAT_ASSET,
+            description="Debezium's slot exists and is active, wal_status is not unreserved/lost, retained WAL is low.",
+        ),
+        dg.AssetCheckSpec(
+            "end_to_end_lag",
+            asset=HEARTBEAT_ASSET,
+            description="The newest heartbeat written to ClickHouse and Elasticsearch: WARN above 30 s, ERROR above 60 s.",
+        ),
+    ],
+    can_subset=True,
+    name="replication_health",
+)
+def replication_health(
+    context: dg.AssetCheckExecutionContext,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+    replication_thresholds: ReplicationThresholds,
+) -> Any:
+    selected = {k.name for k in context.selected_asset_check_keys}
+    if "replication_slot" in selected:
+        with postgres.get_connection(autocommit=True) as conn:
+            slot = slot_health(conn, replication_thresholds.slot())
+        yield dg.AssetCheckResult(
+            check_name="replication_slot",
+            passed=slot.verdict == "ok",
+            severity=SEVERITY[slot.verdict],
+            description=slot.reason,
+            metadata=_slot_metadata(slot),
+        )
+    if "end_to_end_lag" in selected:
+        lag = heartbeat_lag(applied_heartbeat(kafka.bootstrap_servers), replication_thresholds.lag())
+        yield dg.AssetCheckResult(
+            check_name="end_to_end_lag",
+            passed=lag.verdict == "ok",
+            severity=SEVERITY[lag.verdict],
+            description=lag.reason,
+            metadata=_lag_metadata(lag),
+        )
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records slot state, retained WAL and end-to-end lag on postgres/ops/heartbeat; alerts on ERROR.",
+)
+def replication_lag_sensor(
+    context: dg.SensorEvaluationContext,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+    alerts: AlertsResource,
+    replication_thresholds: ReplicationThresholds,
+) -> dg.SensorResult:
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    book = AlertBook.from_json(state.get("alerts"))
+    with postgres.get_connection(autocommit=True) as conn:
+        slot = slot_health(conn, replication_thresholds.slot())
+    lag = heartbeat_lag(applied_heartbeat(kafka.bootstrap_servers), replication_thresholds.lag())
+    now = time.time()
+    channels = alerts.channels(context.log)
+    for key, failing, title, text in (
+        ("replication:slot", slot.verdict == "error", "Replication slot needs attention", slot.reason),
+        ("replication:lag", lag.verdict == "error", "End-to-end replication lag above the limit", lag.reason),
+    ):
+        action = book.observe(key, failing, now, alerts.throttle_seconds)
+        if action == "alert":
+            deliver(channels, Alert(key, "error", title, text), context.log)
+        elif action == "recover":
+            deliver(channels, Alert(key, "recovery", f"Recovered: {title}", "It is healthy again."), context.log)
+    state["alerts"] = book.to_json()
+    observation = dg.AssetObservation(
+        asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag)}
+    )
+    return dg.SensorResult(
+        asset_events=[observation],
+        cursor=json.dumps(state, sort_keys=True),
+        skip_reason=f"slot {slot.verdict}, lag {lag.verdict}: {lag.reason}",
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(
+        asset_checks=[replication_health],
+        sensors=[replication_lag_sensor],
+        resources={"replication_thresholds": ReplicationThresholds()},
+    )

@@ -1,0 +1,112 @@
+"""connector_health_sensor against the real Kafka Connect, with alerts delivered to a real HTTP receiver;
+its restart/backoff/alert decisions on failed connectors; restart_failed_connectors on the real worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+
+from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
+from knowton_pipeline.defs.kafka_connect.health import (
+    ConnectorHealthPolicy,
+    connector_health_sensor,
+    evaluate,
+    restart_failed_connectors,
+)
+from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource, build_resources
+from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, TaskState
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.stack.manager import Stack
+from knowton_pipeline_tests.alert_receiver import Receiver
+from knowton_pipeline_tests.conftest import wait_for
+
+
+def tick(settings: Settings, receiver: Receiver, cursor: str | None, **policy: Any) -> tuple[dg.SensorResult, float]:
+    context = dg.build_sensor_context(
+        cursor=cursor,
+        resources={
+            "kafka_connect": KafkaConnectResource(url=settings.connect_url),
+            "alerts": AlertsResource(throttle_seconds=600, webhook_url=receiver.url),
+            "connector_health_policy": ConnectorHealthPolicy(**policy),
+        },
+    )
+    t0 = time.monotonic()
+    result = connector_health_sensor(context)
+    return result, time.monotonic() - t0  # type: ignore[return-value]
+
+
+def test_a_healthy_tick_is_fast_records_states_and_requests_nothing(
+    stack: Stack, settings: Settings, receiver: Receiver
+) -> None:
+    result, seconds = tick(settings, receiver, None)
+    assert seconds < 1.0
+    assert not result.run_requests and receiver.received == []
+    states = {e.asset_key.to_user_string(): e.metadata for e in result.asset_events}
+    assert "kafka/topics/cdc-User" in states
+    assert states["kafka/topics/cdc-User"]["connector_state"].value == "RUNNING"
+    assert states["kafka/topics/cdc-User"]["tasks_running"].value == 1
+    cursor = json.loads(result.cursor or "{}")
+    assert cursor["connectors"][CDC_CONNECTOR]["attempts"] == 0 and cursor["unreachable_ticks"] == 0
+    # Unchanged states are not observed again on the next tick.
+    again, _ = tick(settings, receiver, result.cursor)
+    assert again.asset_events == []
+
+
+def test_an_unreachable_connect_alerts_after_the_configured_ticks_and_recovers(
+    stack: Stack, settings: Settings, receiver: Receiver
+) -> None:
+    cursor = None
+    stack.down(["connect"])
+    try:
+        for expected in (0, 1, 1):  # alert on the second tick, and only once
+            result, seconds = tick(settings, receiver, cursor, unreachable_ticks=2, request_timeout_seconds=2.0)
+            cursor = result.cursor
+            assert seconds < 2.0 + 1.0  # bounded by the request timeout
+            assert len(receiver.received) == expected
+        assert "Kafka Connect is unreachable" in receiver.texts()[0]
+    finally:
+        stack.up(["connect"])
+    client = KafkaConnectClient(settings.connect_url)
+    wait_for(lambda: (client.status(CDC_CONNECTOR) or {}).get("connector", {}).get("state") == "RUNNING", timeout=120)
+    result, _ = tick(settings, receiver, cursor, unreachable_ticks=2)
+    assert len(receiver.received) == 2 and receiver.texts()[1].endswith("Recovered: Kafka Connect is unreachable")
+
+
+def _failed(trace: str = "org.postgresql.util.PSQLException: FATAL: role is not permitted to log in") -> ConnectHealth:
+    task = TaskState(0, "FAILED", "127.0.0.1:8083", trace)
+    return ConnectHealth(True, None, {CDC_CONNECTOR: ConnectorHealth(CDC_CONNECTOR, "RUNNING", [task])})
+
+
+def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted() -> None:
+    policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)
+    state: dict[str, Any] = {}
+    requested, alerts = [], []
+    for now in (0, 1, 10, 15, 30, 69, 70, 500, 501):
+        runs, sent, _ = evaluate(_failed(), state, policy, float(now), throttle_seconds=600)
+        requested += [(now, r.run_config["ops"]["restart_connectors"]["config"]["connectors"]) for r in runs]
+        alerts += [(now, a.severity, a.title) for a in sent]
+    # Attempts at 0, 10 (after 10 s), 30 (after 20 s); the fourth would be due at 70 but the cap is 3.
+    assert [t for t, _ in requested] == [0, 10, 30]
+    assert all(names == [CDC_CONNECTOR] for _, names in requested)
+    entry = state["connectors"][CDC_CONNECTOR]
+    assert entry["attempts"] == 3 and "not permitted to log in" in entry["last_trace"]
+    assert [(t, s) for t, s, _ in alerts] == [(70, "error")]  # once, when the last backoff ran out
+    assert "still FAILED after 3 restart(s)" in alerts[0][2]
+    healthy = ConnectHealth(
+        True, None, {CDC_CONNECTOR: ConnectorHealth(CDC_CONNECTOR, "RUNNING", [TaskState(0, "RUNNING")])}
+    )
+    _, sent, _ = evaluate(healthy, state, policy, 600.0, throttle_seconds=600)
+    assert [a.severity for a in sent] == ["recovery"] and state["connectors"][CDC_CONNECTOR]["attempts"] == 0
+
+
+def test_restart_failed_connectors_job_restarts_on_the_real_worker(stack: Stack) -> None:
+    result = restart_failed_connectors.execute_in_process(
+        run_config={"ops": {"restart_connectors": {"config": {"connectors": [CDC_CONNECTOR], "wait_seconds": 60}}}},
+        resources=build_resources(),
+    )
+    assert result.success
+    assert result.output_for_node("restart_connectors") == {CDC_CONNECTOR: "RUNNING"}

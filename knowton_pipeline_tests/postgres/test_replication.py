@@ -1,0 +1,119 @@
+"""Replication checks and the check-failure alerts against the real stack: a slot left inactive while
+writes continue turns the lag check WARN then ERROR; a failing check alerts once, then recovers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import psycopg
+
+from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.defs.alerts.sensors import check_failure_alert_sensor
+from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
+from knowton_pipeline.defs.postgres.assets import postgres_table_spec
+from knowton_pipeline.defs.postgres.replication import ReplicationThresholds, replication_health
+from knowton_pipeline.defs.resources import AlertsResource, build_resources
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline.stack.manager import Stack
+from knowton_pipeline_tests.alert_receiver import Receiver
+from knowton_pipeline_tests.conftest import wait_for
+from knowton_pipeline_tests.sync.conftest import insert_user
+
+
+def _definitions(**thresholds: Any) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[postgres_table_spec(HEARTBEAT)],
+        asset_checks=[replication_health],
+        jobs=[dg.define_asset_job("replication_checks", selection=dg.AssetSelection.checks(replication_health))],
+        resources={**build_resources(), "replication_thresholds": ReplicationThresholds(**thresholds)},
+    )
+
+
+def run_checks(instance: dg.DagsterInstance, **thresholds: Any) -> dict[str, Any]:
+    result = _definitions(**thresholds).resolve_job_def("replication_checks").execute_in_process(instance=instance)
+    assert result.success
+    evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    return {e.check_name: e for e in evaluations}
+
+
+def _verdict(evaluation: Any) -> str:
+    return "ok" if evaluation.passed else evaluation.severity.value.lower()
+
+
+def test_an_inactive_slot_with_writes_going_on_turns_the_lag_check_warn_then_error(
+    stack: Stack, settings: Settings, apply: Callable[[], ApplyStats], pg: psycopg.Connection
+) -> None:
+    thresholds = {"lag_warn_seconds": 12.0, "lag_error_seconds": 20.0}
+    with dg.instance_for_test() as instance:
+        apply()
+        healthy = run_checks(instance, **thresholds)
+        assert _verdict(healthy["replication_slot"]) == "ok" and healthy["replication_slot"].metadata["active"].value
+        assert _verdict(healthy["end_to_end_lag"]) == "ok"
+        stopped = time.monotonic()
+        stack.down(["connect"])
+        try:
+            seen = []
+            while time.monotonic() - stopped < 40 and "error" not in seen:
+                insert_user(pg)  # writes go on while nothing reads the slot
+                checks = run_checks(instance, **thresholds)
+                seen.append(_verdict(checks["end_to_end_lag"]))
+                assert _verdict(checks["replication_slot"]) == "warn"  # inactive
+                assert checks["replication_slot"].metadata["active"].value is False
+                time.sleep(2)
+            # Once through WARN, then ERROR, never back.
+            assert "warn" in seen and seen[-1] == "error"
+            assert seen.index("warn") < seen.index("error") and "ok" not in seen[seen.index("warn") :]
+        finally:
+            stack.up(["connect"])
+        client = KafkaConnectClient(settings.connect_url)
+        wait_for(
+            lambda: (client.status(CDC_CONNECTOR) or {}).get("connector", {}).get("state") == "RUNNING", timeout=120
+        )
+        wait_for(
+            lambda: pg.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'knowton_cdc_slot'"
+            ).fetchone()[0],  # type: ignore[index]
+            timeout=120,
+            what="the slot active again",
+        )
+        apply()
+        recovered = run_checks(instance, **thresholds)
+        assert {n: _verdict(e) for n, e in recovered.items()} == {"replication_slot": "ok", "end_to_end_lag": "ok"}
+
+
+def test_a_failing_check_alerts_once_within_the_throttle_window_and_recovers(stack: Stack, receiver: Receiver) -> None:
+    failing = {"lag_warn_seconds": 0.0, "lag_error_seconds": 0.0}  # any lag at all is an ERROR
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None) -> str | None:
+            context = dg.build_sensor_context(
+                instance=instance,
+                cursor=cursor,
+                definitions=_definitions(),
+                resources={"alerts": AlertsResource(throttle_seconds=600, webhook_url=receiver.url)},
+            )
+            return check_failure_alert_sensor(context).cursor  # type: ignore[union-attr]
+
+        cursor = tick(None)
+        assert receiver.received == []
+        run_checks(instance, **failing)
+        cursor = tick(cursor)
+        assert len(receiver.received) == 1
+        alert = receiver.received[0]
+        assert "Check end_to_end_lag on postgres/ops/heartbeat failed" in alert["text"]
+        assert alert["attachments"][0]["color"] == "#d0021b"  # an ERROR, not a WARN
+        assert any(f["title"] == "lag_seconds" for f in alert["attachments"][0]["fields"])
+        run_checks(instance, **failing)
+        cursor = tick(cursor)
+        assert len(receiver.received) == 1  # still failing: no second alert
+        run_checks(instance, lag_warn_seconds=3600.0, lag_error_seconds=7200.0)
+        cursor = tick(cursor)
+        assert len(receiver.received) == 2
+        assert receiver.received[1]["text"].endswith("Recovered: Check end_to_end_lag on postgres/ops/heartbeat")
+        tick(cursor)
+        assert len(receiver.received) == 2  # nothing new evaluated: nothing sent
