@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the project needs on a fresh machine: Debian packages (Java, Maven, PostgreSQL) when
+# Install what the project needs on a fresh machine: Debian packages (Java, Maven, PostgreSQL, Chromium) when
 # missing, the Python virtualenv with the project, and the stack's jars from Maven Central.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ command -v java >/dev/null 2>&1 || [ -x "${JAVA_HOME:-/nonexistent}/bin/java" ] 
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)  # the UI tests drive Debian's Chromium
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${need_apt[*]}; install them (Debian: sudo apt-get install ${need_apt[*]}) and run again" >&2
