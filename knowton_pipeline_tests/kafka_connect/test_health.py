@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
+import psycopg
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+from elasticsearch import Elasticsearch
 
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
 from knowton_pipeline.defs.kafka_connect.health import (
@@ -20,9 +24,11 @@ from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, TaskState
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.stack.manager import Stack
 from knowton_pipeline_tests.alert_receiver import Receiver
 from knowton_pipeline_tests.conftest import wait_for
+from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_user
 
 
 def tick(settings: Settings, receiver: Receiver, cursor: str | None, **policy: Any) -> tuple[dg.SensorResult, float]:
@@ -56,17 +62,25 @@ def test_a_healthy_tick_is_fast_records_states_and_requests_nothing(
     assert again.asset_events == []
 
 
-def test_an_unreachable_connect_alerts_after_the_configured_ticks_and_recovers(
-    stack: Stack, settings: Settings, receiver: Receiver
+def test_an_unreachable_connect_alerts_after_the_configured_ticks_and_recovers_losing_no_change(
+    stack: Stack,
+    settings: Settings,
+    receiver: Receiver,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
+    apply: Callable[[], ApplyStats],
 ) -> None:
     cursor = None
     stack.down(["connect"])
+    written = []
     try:
         for expected in (0, 1, 1):  # alert on the second tick, and only once
             result, seconds = tick(settings, receiver, cursor, unreachable_ticks=2, request_timeout_seconds=2.0)
             cursor = result.cursor
             assert seconds < 2.0 + 1.0  # bounded by the request timeout
             assert len(receiver.received) == expected
+            written.append(insert_user(pg))  # changes made during the outage
         assert "Kafka Connect is unreachable" in receiver.texts()[0]
     finally:
         stack.up(["connect"])
@@ -74,6 +88,11 @@ def test_an_unreachable_connect_alerts_after_the_configured_ticks_and_recovers(
     wait_for(lambda: (client.status(CDC_CONNECTOR) or {}).get("connector", {}).get("state") == "RUNNING", timeout=120)
     result, _ = tick(settings, receiver, cursor, unreachable_ticks=2)
     assert len(receiver.received) == 2 and receiver.texts()[1].endswith("Recovered: Kafka Connect is unreachable")
+    # Debezium resumes from its slot: every change made while Connect was down reaches both stores.
+    apply()
+    for address in written:
+        assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is not None
+        assert es_source(es, "knowton-users", address) is not None
 
 
 def _failed(trace: str = "org.postgresql.util.PSQLException: FATAL: role is not permitted to log in") -> ConnectHealth:
