@@ -162,7 +162,7 @@ def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
     from knowton_pipeline.lib import clickhouse
     from knowton_pipeline.lib.reconcile.engine import ReconcileOptions
-    from knowton_pipeline.lib.reconcile.record import key_text, mark_repaired, record_result
+    from knowton_pipeline.lib.reconcile.record import mark_repaired, record_result
     from knowton_pipeline.lib.reconcile.run import plan_pairs, reconcile_pair, repair_result, result_keys
 
     pairs = plan_pairs(None if args.table == "all" else [args.table], None if args.target == "all" else [args.target])
@@ -192,9 +192,7 @@ def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
                     repaired = repair_result(result, conn=conn, clickhouse=ch, es=es, max_keys=args.max_repair_keys)
                     report["repair"] = repaired.as_dict()
                     if not args.no_record:
-                        still = {key_text(k) for k in repaired.still_different}
-                        marks = {key_text(k): key_text(k) not in still for k in result_keys(result)}
-                        mark_repaired(conn, report["reconcile_id"], marks)
+                        mark_repaired(conn, report["reconcile_id"], result_keys(result), repaired.still_different)
                     if not args.json:
                         state = (
                             "verified clean" if repaired.verified else f"{len(repaired.still_different)} still differ"

@@ -265,7 +265,7 @@ def _postgres_spelling(column: Column) -> Callable[[sql.Composable], sql.Composa
     return spell
 
 
-_PG_KEY_TYPES = {"text": "text", "int": "integer", "bigint": "bigint"}
+PG_KEY_TYPES = {"text": "text", "int": "integer", "bigint": "bigint"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def _clickhouse_spelling(column: Column) -> Callable[[str], str]:
     return spell
 
 
-_CH_KEY_TYPES = {"text": "String", "int": "Int32", "bigint": "Int64"}
+CH_KEY_TYPES = {"text": "String", "int": "Int32", "bigint": "Int64"}
 
 
 def backtick(name: str) -> str:
@@ -541,7 +541,7 @@ def segment_parameters(table: SyncedTable, lo: Any = None, hi: Any = None) -> di
 def _key_columns(table: SyncedTable) -> list[Column]:
     columns = [table.column(k) for k in table.key]
     for c in columns:
-        if c.type not in _PG_KEY_TYPES:
+        if c.type not in PG_KEY_TYPES:
             raise ValueError(f"{table.name}.{c.name}: key segments support text and integer keys, not {c.type}")
     return columns
 
@@ -556,7 +556,7 @@ def postgres_key_range(table: SyncedTable, alias: str, lower_bound: bool, upper_
 
     def bound(prefix: str) -> sql.Composable:
         values = [
-            sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(_PG_KEY_TYPES[c.type]))
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(PG_KEY_TYPES[c.type]))
             for i, c in enumerate(columns)
         ]
         return values[0] if len(values) == 1 else sql.SQL("ROW({})").format(sql.SQL(", ").join(values))
@@ -576,7 +576,7 @@ def clickhouse_key_range(table: SyncedTable, lower_bound: bool, upper_bound: boo
     key = names[0] if len(names) == 1 else f"tuple({', '.join(names)})"
 
     def bound(prefix: str) -> str:
-        values = [f"{{{prefix}_{i}:{_CH_KEY_TYPES[c.type]}}}" for i, c in enumerate(columns)]
+        values = [f"{{{prefix}_{i}:{CH_KEY_TYPES[c.type]}}}" for i, c in enumerate(columns)]
         return values[0] if len(values) == 1 else f"tuple({', '.join(values)})"
 
     conditions = [f"{backtick(CLICKHOUSE_DELETED_COLUMN)} = 0"]

@@ -54,21 +54,23 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
         seen[name], new = record.id, new + 1
         evaluation = _evaluation(record)
         failing = record.status == AssetCheckExecutionRecordStatus.FAILED
-        action = book.observe(f"check:{name}", failing, now, alerts.throttle_seconds)
-        if action is None:
-            continue
         error = getattr(evaluation, "severity", None) == dg.AssetCheckSeverity.ERROR
         title = f"Check {key.name} on {key.asset_key.to_user_string()}"
-        if action == "alert":
-            alert = Alert(
+        alert = book.update(
+            Alert(
                 f"check:{name}",
                 "error" if error else "warning",
                 f"{title} failed",
                 getattr(evaluation, "description", None) or "no description",
                 _fields(evaluation, record.run_id),
-            )
-        else:
-            alert = Alert(f"check:{name}", "recovery", f"Recovered: {title}", "The check passes again.")
+            ),
+            failing,
+            now,
+            alerts.throttle_seconds,
+            recovery=Alert(f"check:{name}", "recovery", f"Recovered: {title}", "The check passes again."),
+        )
+        if alert is None:
+            continue
         deliver(channels, alert, context.log)
         sent += 1
     state["alerts"] = book.to_json()

@@ -104,11 +104,9 @@ def evaluate(
     observations: list[dg.AssetObservation] = []
 
     def note(key: str, failing: bool, alert: Alert) -> None:
-        action = book.observe(key, failing, now, throttle_seconds)
-        if action == "alert":
-            alerts.append(alert)
-        elif action == "recover":
-            alerts.append(Alert(key, "recovery", f"Recovered: {alert.title}", "It is healthy again."))
+        message = book.update(alert, failing, now, throttle_seconds)
+        if message is not None:
+            alerts.append(message)
 
     ticks = 0 if health.reachable else int(state.get("unreachable_ticks", 0)) + 1
     state["unreachable_ticks"] = ticks

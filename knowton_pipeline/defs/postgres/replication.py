@@ -125,11 +125,9 @@ def replication_lag_sensor(
         ("replication:slot", slot.verdict == "error", "Replication slot needs attention", slot.reason),
         ("replication:lag", lag.verdict == "error", "End-to-end replication lag above the limit", lag.reason),
     ):
-        action = book.observe(key, failing, now, alerts.throttle_seconds)
-        if action == "alert":
-            deliver(channels, Alert(key, "error", title, text), context.log)
-        elif action == "recover":
-            deliver(channels, Alert(key, "recovery", f"Recovered: {title}", "It is healthy again."), context.log)
+        message = book.update(Alert(key, "error", title, text), failing, now, alerts.throttle_seconds)
+        if message is not None:
+            deliver(channels, message, context.log)
     state["alerts"] = book.to_json()
     observation = dg.AssetObservation(
         asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag)}

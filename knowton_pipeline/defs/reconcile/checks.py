@@ -23,7 +23,6 @@ from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource,
 from knowton_pipeline.lib.aggregates import AGGREGATES
 from knowton_pipeline.lib.reconcile.engine import MODES, ReconcileError, ReconcileOptions, ReconcileResult
 from knowton_pipeline.lib.reconcile.record import key_text, load_differences, mark_repaired, record_result
-from knowton_pipeline.lib.reconcile.repair import RepairResult
 from knowton_pipeline.lib.reconcile.run import (
     RepairCapError,
     is_aggregate,
@@ -132,17 +131,12 @@ def _repair(
     except RepairCapError as exc:
         context.log.warning(str(exc))
         return {"repair": dg.MetadataValue.text(f"skipped: {exc}")}
-    _mark(conn, reconcile_id, result_keys(result), repaired)
+    mark_repaired(conn, reconcile_id, result_keys(result), repaired.still_different)
     context.log.info(f"repaired {repaired.requested} key(s) of {result.table} in {result.target}: {repaired.as_dict()}")
     return {
         "repaired_keys": dg.IntMetadataValue(repaired.requested),
         "still_different_after_repair": dg.IntMetadataValue(len(repaired.still_different)),
     }
-
-
-def _mark(conn: psycopg.Connection, reconcile_id: int, keys: list[Any], repaired: RepairResult) -> None:
-    still = {key_text(k) for k in repaired.still_different}
-    mark_repaired(conn, reconcile_id, {key_text(k): key_text(k) not in still for k in keys})
 
 
 @dg.multi_asset_check(
@@ -304,7 +298,7 @@ def repair_differences(
                 )
             except RepairCapError as exc:
                 raise dg.Failure(str(exc)) from None
-            _mark(conn, rec.reconcile_id, recorded_keys(rec.table, keys), repaired)
+            mark_repaired(conn, rec.reconcile_id, recorded_keys(rec.table, keys), repaired.still_different)
             still += len(repaired.still_different)
             context.log_event(
                 dg.AssetObservation(

@@ -123,6 +123,17 @@ class AlertBook:
                 return "recover"
         return None
 
+    def update(
+        self, alert: Alert, failing: bool, now: float, throttle_seconds: float, recovery: Alert | None = None
+    ) -> Alert | None:
+        """What to send for `alert.key` now: the alert, its recovery (by default "Recovered: <title>"), or nothing."""
+        action = self.observe(alert.key, failing, now, throttle_seconds)
+        if action == "alert":
+            return alert
+        if action == "recover":
+            return recovery or Alert(alert.key, "recovery", f"Recovered: {alert.title}", "It is healthy again.")
+        return None
+
 
 def deliver(channels: Sequence[AlertChannel], alert: Alert, log: Any) -> list[str]:
     """Send to every channel; a failing channel is logged and does not stop the others. Returns the failures."""

@@ -182,10 +182,6 @@ class AggregateReconciler:
             ) from exc
         finally:
             self.conn.rollback()
-        columns: dict[str, int] = {}
-        for cols in diffs.different.values():
-            for c in cols:
-                columns[c] = columns.get(c, 0) + 1
         day_counts = {
             date.fromisoformat(d): (source.get(d, Checksum(0, 0)).count, target.get(d, Checksum(0, 0)).count)
             for d in bad
@@ -201,7 +197,6 @@ class AggregateReconciler:
             stats=BisectStats(segments_checked=len(source | target), segments_compared=len(bad), rows_compared=rows),
             seconds=time.monotonic() - t0,
             day_counts=day_counts,  # type: ignore[arg-type]
-            columns=columns,
             first_pass=diffs.total,
         )
 

@@ -79,12 +79,20 @@ class ReconcileResult:
     in_flight: list[Key] = field(default_factory=list)  # still changing after every re-check: not reported
     unconfirmed: int = 0  # differences reported without a re-check (beyond max_recheck)
     day_counts: dict[date | None, tuple[int, int]] = field(default_factory=dict)  # days whose counts differ
-    columns: dict[str, int] = field(default_factory=dict)  # differing column -> keys
     first_pass: int = 0  # differences before the re-check
 
     @property
     def clean(self) -> bool:
         return self.differences.total == 0
+
+    @property
+    def columns(self) -> dict[str, int]:
+        """Differing column -> how many keys differ in it."""
+        counts: dict[str, int] = {}
+        for cols in self.differences.different.values():
+            for c in cols:
+                counts[c] = counts.get(c, 0) + 1
+        return counts
 
     @property
     def rows_per_second(self) -> float:
@@ -338,10 +346,6 @@ class Reconciler:
             ) from exc
         finally:
             self.close()
-        columns: dict[str, int] = {}
-        for cols in diffs.different.values():
-            for c in cols:
-                columns[c] = columns.get(c, 0) + 1
         return ReconcileResult(
             table=self.table.name,
             target=self.target_name,
@@ -354,7 +358,6 @@ class Reconciler:
             in_flight=in_flight,
             unconfirmed=unconfirmed,
             day_counts=day_counts,
-            columns=columns,
             first_pass=first.total,
         )
 

@@ -3,6 +3,7 @@ and for `repair` to act on."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -116,8 +117,12 @@ def load_differences(
     return out
 
 
-def mark_repaired(conn: psycopg.Connection, reconcile_id: int, verified: dict[str, bool]) -> None:
-    """Record when the keys were re-synced and whether the re-check found them equal."""
+def mark_repaired(
+    conn: psycopg.Connection, reconcile_id: int, keys: Sequence[Key], still_different: Sequence[Key]
+) -> None:
+    """Record that `keys` were re-synced, and which of them the re-check found equal."""
+    still = {key_text(k) for k in still_different}
+    verified = {key_text(k): key_text(k) not in still for k in keys}
     with conn.transaction():
         conn.cursor().executemany(
             "UPDATE ops.reconcile_diffs SET repaired_at = now(), verified = %s WHERE reconcile_id = %s AND key = %s",

@@ -80,9 +80,6 @@ def _chunks(keys: Sequence[Key]) -> Iterator[list[Key]]:
         yield list(keys[i : i + KEY_CHUNK])
 
 
-_PG_ARRAY = {"text": "text[]", "int": "integer[]", "bigint": "bigint[]"}
-
-
 def _buckets(rows: Sequence[Sequence[Any]], parts: int) -> list[Checksum]:
     """Per-bucket (index, count, sum) rows as one checksum per part, empty parts included."""
     out = [Checksum(0, 0)] * parts
@@ -137,7 +134,7 @@ class PostgresSide:
             "FROM {rel} AS t WHERE {range} GROUP BY b"
         ).format(
             k=self._key_expr,
-            array=sql.SQL(_PG_ARRAY[self.table.column(self.key).type]),
+            array=sql.SQL(canonical.PG_KEY_TYPES[self.table.column(self.key).type] + "[]"),
             hash=canonical.postgres_hash_sql(self.table, "t", target=self.target),
             rel=self._rel,
             range=self._range(seg),
@@ -202,7 +199,7 @@ class ClickHouseSide:
         # arrayCount compares each row with every point (PostgreSQL's width_bucket searches): keep splits small.
         self.max_parts = 256
         self._key = canonical.backtick(table.column(key).target_name)
-        self._key_type = {"text": "String", "int": "Int32", "bigint": "Int64"}[table.column(key).type]
+        self._key_type = canonical.CH_KEY_TYPES[table.column(key).type]
         self._mirror = f"{canonical.backtick(database)}.{canonical.backtick(table.clickhouse_table)}"
 
     def _where(self, seg: Segment) -> str:
