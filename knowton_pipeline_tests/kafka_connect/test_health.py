@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
@@ -129,3 +131,109 @@ def test_restart_failed_connectors_job_restarts_on_the_real_worker(stack: Stack)
     )
     assert result.success
     assert result.output_for_node("restart_connectors") == {CDC_CONNECTOR: "RUNNING"}
+
+
+@contextmanager
+def topic_refuses_records(settings: Settings, topic: str) -> Iterator[None]:
+    """A broker-side fault Connect cannot retry: the topic accepts no message over 64 bytes, so Debezium's
+    producer gets RecordTooLargeException and the task FAILS. Undone on exit, whatever happens."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+    def alter(op: AlterConfigOpType, value: str) -> None:
+        entry = ConfigEntry("max.message.bytes", value, incremental_operation=op)
+        for future in admin.incremental_alter_configs(
+            [ConfigResource("topic", topic, incremental_configs=[entry])]
+        ).values():
+            future.result(timeout=30)
+
+    alter(AlterConfigOpType.SET, "64")
+    try:
+        yield
+    finally:
+        alter(AlterConfigOpType.DELETE, "")
+
+
+def _task_state(client: KafkaConnectClient) -> str | None:
+    status = client.status(CDC_CONNECTOR) or {}
+    tasks = status.get("tasks") or [{}]
+    return tasks[0].get("state")
+
+
+def _restart(request: dg.RunRequest, **config: Any) -> dg.ExecuteInProcessResult:
+    run_config = request.run_config
+    run_config["ops"]["restart_connectors"]["config"].update(config)
+    return restart_failed_connectors.execute_in_process(
+        run_config=run_config, resources=build_resources(), raise_on_error=False
+    )
+
+
+def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost(
+    stack: Stack,
+    settings: Settings,
+    receiver: Receiver,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
+    apply: Callable[[], ApplyStats],
+) -> None:
+    client = KafkaConnectClient(settings.connect_url)
+    policy = {"backoff_seconds": 1.0, "max_restarts": 3}
+    kept, deleted = insert_user(pg, reputation=1), insert_user(pg)
+    apply()
+    assert ch_row(ch, "users", "address = {a:String}", {"a": deleted}) is not None
+    first, _ = tick(settings, receiver, None, **policy)
+    cursor = first.cursor
+    inserted: list[str] = []
+    with topic_refuses_records(settings, "cdc-User"):
+        inserted.append(insert_user(pg))
+        wait_for(lambda: _task_state(client) == "FAILED", timeout=90, what="the Debezium task to FAIL")
+        # Changes keep coming while the task is down: an insert, an update, a delete.
+        inserted.append(insert_user(pg))
+        pg.execute('UPDATE "User" SET reputation = 42 WHERE address = %s', (kept,))
+        pg.execute('DELETE FROM "User" WHERE address = %s', (deleted,))
+
+        result, seconds = tick(settings, receiver, cursor, **policy)
+        cursor = result.cursor
+        assert seconds < 1.0
+        assert [r.run_config["ops"]["restart_connectors"]["config"]["connectors"] for r in result.run_requests] == [
+            [CDC_CONNECTOR]
+        ]
+        entry = json.loads(cursor or "{}")["connectors"][CDC_CONNECTOR]
+        assert entry["attempts"] == 1 and "RecordTooLargeException" in entry["last_trace"]
+        states = {e.asset_key.to_user_string(): e.metadata for e in result.asset_events}
+        assert states["kafka/topics/cdc-User"]["tasks_failed"].value == 1
+
+        # While the fault lasts a restart does not hold, and the run says so rather than reporting RUNNING.
+        held = _restart(result.run_requests[0], wait_seconds=90, stable_seconds=20)
+        assert not held.success
+        failure = held.failure_data_for_node("restart_connectors")
+        assert failure is not None and "FAILED again" in str(failure.user_failure_data or failure.error)
+        wait_for(lambda: _task_state(client) == "FAILED", timeout=60, what="the task to be FAILED again")
+        time.sleep(1.5)  # the 1 s backoff before the second attempt
+        result, _ = tick(settings, receiver, cursor, **policy)
+        cursor = result.cursor
+        assert len(result.run_requests) == 1
+        assert json.loads(cursor or "{}")["connectors"][CDC_CONNECTOR]["attempts"] == 2
+
+    # The fault is gone: the sensor's second restart holds.
+    healed = _restart(result.run_requests[0], wait_seconds=90, stable_seconds=10)
+    assert healed.success and healed.output_for_node("restart_connectors") == {CDC_CONNECTOR: "RUNNING"}
+    result, _ = tick(settings, receiver, cursor, **policy)
+    assert not result.run_requests
+    assert json.loads(result.cursor or "{}")["connectors"][CDC_CONNECTOR]["attempts"] == 0
+    states = {e.asset_key.to_user_string(): e.metadata for e in result.asset_events}
+    assert states["kafka/topics/cdc-User"]["connector_state"].value == "RUNNING"
+    assert states["kafka/topics/cdc-User"]["tasks_running"].value == 1
+    assert receiver.received == []  # restarts within the cap are not alerts
+
+    # Debezium resumed from the last offset it had flushed: every change made during the outage is in both stores.
+    apply()
+    for address in inserted:
+        row, doc = ch_row(ch, "users", "address = {a:String}", {"a": address}), es_source(es, "knowton-users", address)
+        assert row is not None and row["is_deleted"] == 0
+        assert doc is not None and doc["is_deleted"] is False
+    row, doc = ch_row(ch, "users", "address = {a:String}", {"a": kept}), es_source(es, "knowton-users", kept)
+    assert row is not None and row["reputation"] == 42 and doc is not None and doc["reputation"] == 42
+    assert ch_row(ch, "users", "address = {a:String}", {"a": deleted}) is None  # FINAL hides the delete
+    gone = es_source(es, "knowton-users", deleted)
+    assert gone is not None and gone["is_deleted"] is True

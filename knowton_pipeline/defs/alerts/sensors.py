@@ -13,6 +13,7 @@ from knowton_pipeline.defs.resources import AlertsResource
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
 
 DONE = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
+RESTART_JOB = "restart_failed_connectors"
 PLOTTED = ("differing_keys", "lag_seconds", "retained_wal_bytes", "source_rows", "target_rows")
 
 
@@ -79,14 +80,29 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
     )
 
 
+def _step_failure(event: dg.DagsterEvent) -> str:
+    """Why a step failed: a raised dg.Failure's own description, or the error's message."""
+    data = event.step_failure_data
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description
+    return data.error.message.strip() if data.error else "no error recorded"
+
+
 @dg.run_failure_sensor(
     name="run_failure_alert_sensor",
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts on every failed run of this code location, with the failing step's message.",
+    description=(
+        "Alerts on every failed run of this code location, with the failing step's message; failed connector "
+        "restarts are left to connector_health_sensor, which alerts once its restarts run out."
+    ),
 )
 def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
     run = context.dagster_run
-    message = context.failure_event.message or "no message"
+    if run.job_name == RESTART_JOB:
+        context.log.info(f"run {run.run_id} of {RESTART_JOB} failed; connector_health_sensor retries and alerts")
+        return
+    steps = [f"{e.step_key}: {_step_failure(e)}" for e in context.get_step_failure_events()]
+    message = "\n".join(steps) or context.failure_event.message or "no message"
     alert = Alert(
         f"run:{run.job_name}",
         "error",

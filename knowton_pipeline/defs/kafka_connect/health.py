@@ -35,25 +35,60 @@ class ConnectorHealthPolicy(dg.ConfigurableResource):
 
 class RestartConfig(dg.Config):
     connectors: list[str] = Field(default_factory=list, description="empty: every failed connector")
-    wait_seconds: float = 60.0
+    wait_seconds: float = Field(60.0, description="how long the connector may take to be RUNNING again")
+    stable_seconds: float = Field(
+        10.0, description="how long it must then stay RUNNING: a task whose fault persists fails again within seconds"
+    )
 
 
-def _wait_running(client: KafkaConnectClient, name: str, wait_seconds: float) -> dict[str, Any] | None:
-    deadline = time.monotonic() + wait_seconds
-    status = None
-    while time.monotonic() < deadline:
-        status = client.status(name)
-        if (
-            status
-            and status["connector"]["state"] == "RUNNING"
-            and all(t["state"] == "RUNNING" for t in status.get("tasks", []))
-        ):
-            return status
-        time.sleep(1.0)
+def _all_running(status: dict[str, Any] | None) -> bool:
+    return bool(
+        status
+        and status["connector"]["state"] == "RUNNING"
+        and all(t["state"] == "RUNNING" for t in status.get("tasks", []))
+    )
+
+
+def _failure(status: dict[str, Any] | None) -> str | None:
+    """The first failure trace in a status, if the connector or one of its tasks is FAILED."""
+    if not status:
+        return None
+    for part in [status["connector"], *status.get("tasks", [])]:
+        if part.get("state") == "FAILED":
+            return str(part.get("trace") or "FAILED, no trace")
     return None
 
 
-@dg.op(description="POST /connectors/{name}/restart?includeTasks=true&onlyFailed=true, then wait for RUNNING.")
+def _wait_held(client: KafkaConnectClient, name: str, wait_seconds: float, stable_seconds: float) -> str:
+    """'RUNNING' once the connector and all its tasks have been RUNNING for `stable_seconds`; otherwise what
+    went wrong: the failure when it failed again, or that it never came up within `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    running_since: float | None = None
+    restarted = False  # seen out of FAILED since the restart request (RESTARTING, UNASSIGNED or RUNNING)
+    while True:
+        status = client.status(name)
+        now = time.monotonic()
+        trace = _failure(status)
+        restarted = restarted or (status is not None and trace is None)
+        if _all_running(status):
+            running_since = now if running_since is None else running_since
+            if now - running_since >= stable_seconds:
+                return "RUNNING"
+        else:
+            running_since = None
+            if trace and restarted:  # it came back, then failed again: the fault is still there
+                return "FAILED again: " + trace.strip().splitlines()[-1][:300]
+            if now >= deadline:
+                return "still not running"
+        time.sleep(0.5)
+
+
+@dg.op(
+    description=(
+        "POST /connectors/{name}/restart?includeTasks=true&onlyFailed=true, then wait until it is RUNNING and "
+        "stays RUNNING."
+    )
+)
 def restart_connectors(
     context: dg.OpExecutionContext, config: RestartConfig, kafka_connect: KafkaConnectResource
 ) -> dg.Output[dict[str, str]]:
@@ -63,11 +98,14 @@ def restart_connectors(
     for name in names:
         client.restart(name, include_tasks=True, only_failed=True)
         context.log.info(f"restart requested for {name} (failed tasks only)")
-        status = _wait_running(client, name, config.wait_seconds)
-        outcome[name] = "RUNNING" if status else "still not running"
-    stuck = [n for n, state in outcome.items() if state != "RUNNING"]
+        outcome[name] = _wait_held(client, name, config.wait_seconds, config.stable_seconds)
+        context.log.info(f"{name}: {outcome[name]}")
+    stuck = {n: state for n, state in outcome.items() if state != "RUNNING"}
     if stuck:
-        raise dg.Failure(f"not RUNNING {config.wait_seconds:.0f} s after the restart: {', '.join(stuck)}")
+        raise dg.Failure(
+            "restart did not hold: " + "; ".join(f"{n}: {state}" for n, state in stuck.items()),
+            metadata={"connectors": dg.MetadataValue.json(outcome)},
+        )
     return dg.Output(outcome, metadata={"restarted": len(outcome), "connectors": dg.MetadataValue.json(outcome)})
 
 

@@ -1,0 +1,61 @@
+"""run_failure_alert_sensor on real failed runs of this code location, delivering to a real HTTP receiver."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from knowton_pipeline.definitions import defs
+from knowton_pipeline.defs.alerts.sensors import run_failure_alert_sensor
+from knowton_pipeline.defs.resources import AlertsResource, build_resources
+from knowton_pipeline.stack.manager import Stack
+from knowton_pipeline_tests.alert_receiver import Receiver
+
+
+def _fail(job: str, op: str, config: dict[str, Any], instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    result = (
+        defs()
+        .resolve_job_def(job)
+        .execute_in_process(
+            run_config={"ops": {op: {"config": config}}},
+            instance=instance,
+            resources=build_resources(),
+            raise_on_error=False,
+        )
+    )
+    assert not result.success
+    return result
+
+
+def _sense(result: dg.ExecuteInProcessResult, instance: dg.DagsterInstance, receiver: Receiver) -> None:
+    event = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    context = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_alert_sensor",
+        dagster_event=event,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+        resources={"alerts": AlertsResource(webhook_url=receiver.url)},
+    ).for_run_failure()
+    run_failure_alert_sensor(context)
+
+
+def test_a_failed_run_is_alerted_with_its_job_and_message(stack: Stack, receiver: Receiver) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    result = _fail("reconcile", "reconcile_stores", {"mode": "sideways"}, instance)
+    _sense(result, instance, receiver)
+    assert len(receiver.received) == 1
+    posted = receiver.received[0]
+    assert "Run of reconcile failed" in posted["text"]
+    detail = posted["attachments"][0]
+    assert "reconcile_stores: " in detail["text"] and "unknown mode 'sideways'" in detail["text"]  # step and why
+    fields = {f["title"]: f["value"] for f in detail["fields"]}
+    assert fields == {"run": result.run_id, "job": "reconcile"}
+
+
+def test_a_failed_connector_restart_is_left_to_the_connector_health_sensor(stack: Stack, receiver: Receiver) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    config = {"connectors": ["no-such-connector"], "wait_seconds": 1}
+    result = _fail("restart_failed_connectors", "restart_connectors", config, instance)
+    _sense(result, instance, receiver)
+    assert receiver.received == []  # connector_health_sensor alerts once its restarts run out
