@@ -109,19 +109,42 @@ def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted
     for now in (0, 1, 10, 15, 30, 69, 70, 500, 501):
         runs, sent, _ = evaluate(_failed(), state, policy, float(now), throttle_seconds=600)
         requested += [(now, r.run_config["ops"]["restart_connectors"]["config"]["connectors"]) for r in runs]
-        alerts += [(now, a.severity, a.title) for a in sent]
+        alerts += [(now, a.severity, a.title, a.text) for a in sent]
     # Attempts at 0, 10 (after 10 s), 30 (after 20 s); the fourth would be due at 70 but the cap is 3.
     assert [t for t, _ in requested] == [0, 10, 30]
     assert all(names == [CDC_CONNECTOR] for _, names in requested)
     entry = state["connectors"][CDC_CONNECTOR]
     assert entry["attempts"] == 3 and "not permitted to log in" in entry["last_trace"]
-    assert [(t, s) for t, s, _ in alerts] == [(70, "error")]  # once, when the last backoff ran out
+    assert [(t, s) for t, s, _, _ in alerts] == [(70, "error")]  # once, when the last backoff ran out
     assert "still FAILED after 3 restart(s)" in alerts[0][2]
-    healthy = ConnectHealth(
+    assert alerts[0][3].startswith("org.postgresql.util.PSQLException: FATAL: role is not permitted to log in")
+    _, sent, _ = evaluate(_healthy(), state, policy, 600.0, throttle_seconds=600)
+    assert [a.severity for a in sent] == ["recovery"]
+    # The attempts count from zero once it has stayed RUNNING for healthy_seconds (60 by default).
+    evaluate(_healthy(), state, policy, 630.0, throttle_seconds=600)
+    assert state["connectors"][CDC_CONNECTOR]["attempts"] == 3
+    evaluate(_healthy(), state, policy, 660.0, throttle_seconds=600)
+    assert state["connectors"][CDC_CONNECTOR]["attempts"] == 0
+
+
+def test_a_task_that_runs_briefly_between_failures_still_reaches_the_cap_and_alerts() -> None:
+    """A persisting fault: each restart runs for a few seconds, and a tick may land in one of them."""
+    policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)
+    state: dict[str, Any] = {}
+    requested, alerts = 0, []
+    for now, health in [(0, _failed()), (12, _healthy()), (15, _failed()), (31, _healthy()), (40, _failed())]:
+        runs, sent, _ = evaluate(health, state, policy, float(now), throttle_seconds=600)
+        requested += len(runs)
+        alerts += [(now, a.severity) for a in sent]
+    assert requested == 3 and state["connectors"][CDC_CONNECTOR]["attempts"] == 3
+    runs, sent, _ = evaluate(_failed(), state, policy, 80.0, throttle_seconds=600)  # the last backoff ran out
+    assert runs == [] and [a.severity for a in sent] == ["error"]
+
+
+def _healthy() -> ConnectHealth:
+    return ConnectHealth(
         True, None, {CDC_CONNECTOR: ConnectorHealth(CDC_CONNECTOR, "RUNNING", [TaskState(0, "RUNNING")])}
     )
-    _, sent, _ = evaluate(healthy, state, policy, 600.0, throttle_seconds=600)
-    assert [a.severity for a in sent] == ["recovery"] and state["connectors"][CDC_CONNECTOR]["attempts"] == 0
 
 
 def test_restart_failed_connectors_job_restarts_on_the_real_worker(stack: Stack) -> None:
@@ -177,7 +200,7 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
     apply: Callable[[], ApplyStats],
 ) -> None:
     client = KafkaConnectClient(settings.connect_url)
-    policy = {"backoff_seconds": 1.0, "max_restarts": 3}
+    policy = {"backoff_seconds": 1.0, "max_restarts": 3, "healthy_seconds": 3.0}
     kept, deleted = insert_user(pg, reputation=1), insert_user(pg)
     apply()
     assert ch_row(ch, "users", "address = {a:String}", {"a": deleted}) is not None
@@ -185,8 +208,12 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
     cursor = first.cursor
     inserted: list[str] = []
     with topic_refuses_records(settings, "cdc-User"):
-        inserted.append(insert_user(pg))
-        wait_for(lambda: _task_state(client) == "FAILED", timeout=90, what="the Debezium task to FAIL")
+
+        def write_until_failed() -> bool:  # a write now and then, in case the broker took the config late
+            inserted.append(insert_user(pg))
+            return _task_state(client) == "FAILED"
+
+        wait_for(write_until_failed, timeout=90, interval=3.0, what="the Debezium task to FAIL")
         # Changes keep coming while the task is down: an insert, an update, a delete.
         inserted.append(insert_user(pg))
         pg.execute('UPDATE "User" SET reputation = 42 WHERE address = %s', (kept,))
@@ -200,6 +227,7 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
         ]
         entry = json.loads(cursor or "{}")["connectors"][CDC_CONNECTOR]
         assert entry["attempts"] == 1 and "RecordTooLargeException" in entry["last_trace"]
+        assert entry["last_cause"].startswith("org.apache.kafka.common.errors.RecordTooLargeException")
         states = {e.asset_key.to_user_string(): e.metadata for e in result.asset_events}
         assert states["kafka/topics/cdc-User"]["tasks_failed"].value == 1
 
@@ -207,7 +235,8 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
         held = _restart(result.run_requests[0], wait_seconds=90, stable_seconds=20)
         assert not held.success
         failure = held.failure_data_for_node("restart_connectors")
-        assert failure is not None and "FAILED again" in str(failure.user_failure_data or failure.error)
+        reason = failure.user_failure_data.description if failure and failure.user_failure_data else ""
+        assert reason.startswith("restart did not hold") and "RecordTooLargeException" in reason
         wait_for(lambda: _task_state(client) == "FAILED", timeout=60, what="the task to be FAILED again")
         time.sleep(1.5)  # the 1 s backoff before the second attempt
         result, _ = tick(settings, receiver, cursor, **policy)
@@ -220,8 +249,12 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
     assert healed.success and healed.output_for_node("restart_connectors") == {CDC_CONNECTOR: "RUNNING"}
     result, _ = tick(settings, receiver, cursor, **policy)
     assert not result.run_requests
-    assert json.loads(result.cursor or "{}")["connectors"][CDC_CONNECTOR]["attempts"] == 0
     states = {e.asset_key.to_user_string(): e.metadata for e in result.asset_events}
+    # The attempts count from zero once it has stayed RUNNING for healthy_seconds.
+    assert json.loads(result.cursor or "{}")["connectors"][CDC_CONNECTOR]["attempts"] == 2
+    time.sleep(3.5)
+    again, _ = tick(settings, receiver, result.cursor, **policy)
+    assert json.loads(again.cursor or "{}")["connectors"][CDC_CONNECTOR]["attempts"] == 0
     assert states["kafka/topics/cdc-User"]["connector_state"].value == "RUNNING"
     assert states["kafka/topics/cdc-User"]["tasks_running"].value == 1
     assert receiver.received == []  # restarts within the cap are not alerts

@@ -81,11 +81,17 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
 
 
 def _step_failure(event: dg.DagsterEvent) -> str:
-    """Why a step failed: a raised dg.Failure's own description, or the error's message."""
+    """Why a step failed: a raised dg.Failure's own description, else the exception the op raised (Dagster
+    wraps it in an error that only names the op)."""
     data = event.step_failure_data
     if data.user_failure_data is not None and data.user_failure_data.description:
         return data.user_failure_data.description
-    return data.error.message.strip() if data.error else "no error recorded"
+    error = data.error
+    if error is None:
+        return "no error recorded"
+    if error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 @dg.run_failure_sensor(

@@ -17,7 +17,7 @@ from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR, cdc_topic_
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.connectors import load_connector_configs
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
-from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, connect_health
+from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, connect_health, trace_cause
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
 
 RESTART_OP = "restart_connectors"
@@ -29,6 +29,7 @@ class ConnectorHealthPolicy(dg.ConfigurableResource):
 
     max_restarts: int = 5
     backoff_seconds: float = 30.0  # before the 2nd attempt; doubles after each
+    healthy_seconds: float = 60.0  # seen RUNNING this long before the attempts count from zero again
     unreachable_ticks: int = 3
     request_timeout_seconds: float = 3.0
 
@@ -37,7 +38,11 @@ class RestartConfig(dg.Config):
     connectors: list[str] = Field(default_factory=list, description="empty: every failed connector")
     wait_seconds: float = Field(60.0, description="how long the connector may take to be RUNNING again")
     stable_seconds: float = Field(
-        10.0, description="how long it must then stay RUNNING: a task whose fault persists fails again within seconds"
+        10.0,
+        description=(
+            "how long it must then stay RUNNING (on top of wait_seconds): a task whose fault persists fails "
+            "again within seconds"
+        ),
     )
 
 
@@ -45,41 +50,42 @@ def _all_running(status: dict[str, Any] | None) -> bool:
     return bool(
         status
         and status["connector"]["state"] == "RUNNING"
-        and all(t["state"] == "RUNNING" for t in status.get("tasks", []))
+        and status.get("tasks")
+        and all(t["state"] == "RUNNING" for t in status["tasks"])
     )
 
 
 def _failure(status: dict[str, Any] | None) -> str | None:
-    """The first failure trace in a status, if the connector or one of its tasks is FAILED."""
+    """Why the connector or one of its tasks is FAILED (the trace's cause line), if one is."""
     if not status:
         return None
     for part in [status["connector"], *status.get("tasks", [])]:
         if part.get("state") == "FAILED":
-            return str(part.get("trace") or "FAILED, no trace")
+            return trace_cause(part.get("trace")) or "no trace"
     return None
 
 
 def _wait_held(client: KafkaConnectClient, name: str, wait_seconds: float, stable_seconds: float) -> str:
     """'RUNNING' once the connector and all its tasks have been RUNNING for `stable_seconds`; otherwise what
-    went wrong: the failure when it failed again, or that it never came up within `wait_seconds`."""
+    went wrong: the cause when it failed again, or that it never came up within `wait_seconds`."""
     deadline = time.monotonic() + wait_seconds
     running_since: float | None = None
     restarted = False  # seen out of FAILED since the restart request (RESTARTING, UNASSIGNED or RUNNING)
     while True:
         status = client.status(name)
         now = time.monotonic()
-        trace = _failure(status)
-        restarted = restarted or (status is not None and trace is None)
+        cause = _failure(status)
+        restarted = restarted or (status is not None and cause is None)
         if _all_running(status):
             running_since = now if running_since is None else running_since
             if now - running_since >= stable_seconds:
                 return "RUNNING"
         else:
             running_since = None
-            if trace and restarted:  # it came back, then failed again: the fault is still there
-                return "FAILED again: " + trace.strip().splitlines()[-1][:300]
+            if cause and restarted:  # it came back, then failed again: the fault is still there
+                return f"FAILED again: {cause}"
             if now >= deadline:
-                return "still not running"
+                return f"still FAILED: {cause}" if cause else "still not running"
         time.sleep(0.5)
 
 
@@ -96,7 +102,9 @@ def restart_connectors(
     names = config.connectors or [c.name for c in connect_health(client, {}).failed]
     outcome: dict[str, str] = {}
     for name in names:
-        client.restart(name, include_tasks=True, only_failed=True)
+        if client.restart(name, include_tasks=True, only_failed=True) == 404:
+            outcome[name] = "not found: Kafka Connect has no such connector"
+            continue
         context.log.info(f"restart requested for {name} (failed tasks only)")
         outcome[name] = _wait_held(client, name, config.wait_seconds, config.stable_seconds)
         context.log.info(f"{name}: {outcome[name]}")
@@ -122,6 +130,8 @@ def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObserv
         "tasks_failed": dg.IntMetadataValue(sum(1 for t in health.tasks if t.state == "FAILED")),
         "restart_attempts": dg.IntMetadataValue(attempts),
     }
+    if health.failure_cause:
+        metadata["last_cause"] = health.failure_cause
     if health.failure_trace:
         metadata["last_trace"] = dg.MetadataValue.md(f"```\n{health.failure_trace}\n```")
     topics = [cdc_topic_key(t) for t in CDC_TABLES] if health.name == CDC_CONNECTOR else []
@@ -166,8 +176,10 @@ def evaluate(
     connectors = state.setdefault("connectors", {})
     for name, c in health.connectors.items():
         entry = connectors.setdefault(name, {"attempts": 0, "next_at": 0.0, "last_trace": None, "observed": None})
+        if not c.healthy:
+            entry["running_since"] = None
         if c.failed:
-            entry["last_trace"] = c.failure_trace
+            entry["last_trace"], entry["last_cause"] = c.failure_trace, c.failure_cause
             if entry["attempts"] < policy.max_restarts and now >= entry["next_at"]:
                 entry["attempts"] += 1
                 entry["next_at"] = now + policy.backoff_seconds * 2 ** (entry["attempts"] - 1)
@@ -178,8 +190,13 @@ def evaluate(
                         tags={"knowton/connector": name, "knowton/restart-attempt": str(entry["attempts"])},
                     )
                 )
-        elif c.state == "RUNNING" and c.running_tasks == len(c.tasks):
-            entry["attempts"], entry["next_at"] = 0, 0.0
+        elif c.healthy:
+            # A fault that persists lets a restarted task run for a few seconds before it fails again; the
+            # attempts count from zero only once it has been seen RUNNING for healthy_seconds.
+            if entry.get("running_since") is None:
+                entry["running_since"] = now
+            if now - entry["running_since"] >= policy.healthy_seconds:
+                entry["attempts"], entry["next_at"] = 0, 0.0
         exhausted = c.failed and entry["attempts"] >= policy.max_restarts and now >= entry["next_at"]
         note(
             f"connector:{name}:failed",
@@ -188,7 +205,7 @@ def evaluate(
                 f"connector:{name}:failed",
                 "error",
                 f"Connector {name} is still FAILED after {entry['attempts']} restart(s)",
-                (c.failure_trace or "no trace")[:1500],
+                f"{c.failure_cause or 'no trace'}\n\n{c.failure_trace or ''}"[:1500],
                 {"connector": name, "state": c.state, "restart_attempts": str(entry["attempts"])},
             ),
         )

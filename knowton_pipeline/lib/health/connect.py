@@ -11,6 +11,7 @@ from knowton_pipeline.lib.connectors import diff_config
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
 
 TRACE_CHARS = 2000  # enough for the exception and its first frames; a full Java trace is far longer
+CAUSE_CHARS = 500
 
 
 @dataclass
@@ -40,8 +41,27 @@ class ConnectorHealth:
         return first[:TRACE_CHARS] if first else None
 
     @property
+    def failure_cause(self) -> str | None:
+        traces = [self.trace] + [t.trace for t in self.tasks if t.state == "FAILED"]
+        return trace_cause(next((t for t in traces if t), None))
+
+    @property
+    def healthy(self) -> bool:
+        """RUNNING with at least one task, and every task RUNNING."""
+        return self.state == "RUNNING" and bool(self.tasks) and self.running_tasks == len(self.tasks)
+
+    @property
     def running_tasks(self) -> int:
         return sum(1 for t in self.tasks if t.state == "RUNNING")
+
+
+def trace_cause(trace: str | None) -> str | None:
+    """The one line of a Java stack trace that says why: its innermost `Caused by:`, else its first line."""
+    lines = [line.strip() for line in (trace or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    causes = [line.removeprefix("Caused by:").strip() for line in lines if line.startswith("Caused by:")]
+    return (causes[-1] if causes else lines[0])[:CAUSE_CHARS]
 
 
 @dataclass
