@@ -4,11 +4,14 @@ writes continue turns the lag check WARN then ERROR; a failing check alerts once
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 import psycopg
+from confluent_kafka import Consumer, TopicPartition
 
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.defs.alerts.sensors import check_failure_alert_sensor
@@ -16,9 +19,10 @@ from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
 from knowton_pipeline.defs.postgres.assets import postgres_table_spec
 from knowton_pipeline.defs.postgres.replication import ReplicationThresholds, replication_health
 from knowton_pipeline.defs.resources import AlertsResource, build_resources
+from knowton_pipeline.lib.health.replication import applied_heartbeat
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
-from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, ApplyStats
 from knowton_pipeline.stack.manager import Stack
 from knowton_pipeline_tests.alert_receiver import Receiver
 from knowton_pipeline_tests.conftest import wait_for
@@ -39,6 +43,39 @@ def run_checks(instance: dg.DagsterInstance, **thresholds: Any) -> dict[str, Any
     assert result.success
     evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     return {e.check_name: e for e in evaluations}
+
+
+def _record_timestamp(settings: Settings, offset: int) -> datetime:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "knowton-test-reader"})
+    try:
+        consumer.assign([TopicPartition(HEARTBEAT.topic, 0, offset)])
+        msg = wait_for(lambda: consumer.poll(0.5), timeout=30, interval=0.0, what=f"heartbeat record {offset}")
+        return datetime.fromtimestamp(msg.timestamp()[1] / 1000, UTC)
+    finally:
+        consumer.close()
+
+
+def test_the_applied_heartbeat_is_the_committed_records_timestamp_read_without_a_fetch(
+    stack: Stack, settings: Settings, apply: Callable[[], ApplyStats]
+) -> None:
+    apply()
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
+    try:
+        [committed] = consumer.committed([TopicPartition(HEARTBEAT.topic, 0)], timeout=10)
+    finally:
+        consumer.close()
+    newest = _record_timestamp(settings, committed.offset - 1)
+    assert committed.metadata == f"ts={int(newest.timestamp() * 1000)}"  # stored by the apply's commit
+    assert applied_heartbeat(settings.kafka_bootstrap) == newest
+
+    # An offset committed without the timestamp (by an older apply, say) is read back from the record.
+    group = f"knowton-test-{uuid.uuid4().hex[:8]}"
+    legacy = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    try:
+        legacy.commit(offsets=[TopicPartition(HEARTBEAT.topic, 0, committed.offset)], asynchronous=False)
+    finally:
+        legacy.close()
+    assert applied_heartbeat(settings.kafka_bootstrap, group_id=group) == newest
 
 
 def _verdict(evaluation: Any) -> str:

@@ -13,11 +13,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
@@ -320,14 +321,37 @@ def _is_eof_or_error(msg: Message) -> bool:
     return True
 
 
+COMMITTED_TS = "ts="  # commit metadata: the Kafka timestamp (ms) of the last record applied
+
+
 def commit(consumer: Consumer, msgs: Sequence[Message]) -> dict[tuple[str, int], int]:
-    """Commit, synchronously, the offset after the last record of each partition; returns those offsets."""
-    after: dict[tuple[str, int], int] = {}
+    """Commit, synchronously, the offset after the last record of each partition; returns those offsets.
+
+    Each offset carries the timestamp of the record before it as metadata, so how far the apply has got in
+    time is one committed-offset read away (end-to-end lag without fetching a record)."""
+    after: dict[tuple[str, int], tuple[int, int]] = {}
     for m in msgs:
         key = (m.topic(), m.partition())
-        after[key] = max(after.get(key, 0), m.offset() + 1)
-    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in after.items()], asynchronous=False)
-    return after
+        kind, ms = m.timestamp()
+        if key not in after or m.offset() + 1 > after[key][0]:
+            after[key] = (m.offset() + 1, ms if kind != TIMESTAMP_NOT_AVAILABLE else -1)
+    offsets = [
+        TopicPartition(t, p, o, metadata=f"{COMMITTED_TS}{ms}" if ms >= 0 else None)
+        for (t, p), (o, ms) in after.items()
+    ]
+    consumer.commit(offsets=offsets, asynchronous=False)
+    return {key: o for key, (o, _) in after.items()}
+
+
+def committed_timestamp(tp: TopicPartition) -> datetime | None:
+    """The timestamp `commit` stored with a committed offset; None for offsets committed without one."""
+    metadata = tp.metadata or ""
+    if not metadata.startswith(COMMITTED_TS):
+        return None
+    try:
+        return datetime.fromtimestamp(int(metadata.removeprefix(COMMITTED_TS)) / 1000, UTC)
+    except ValueError:
+        return None
 
 
 def consumer_lag(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> int:

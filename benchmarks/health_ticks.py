@@ -1,0 +1,125 @@
+"""Sensor tick cost against the raw reads each tick wraps, measured in the same run.
+
+    eval "$(.venv/bin/knowton env)" && .venv/bin/python benchmarks/health_ticks.py [--ticks 50]
+
+Needs the stack up (`knowton stack up`) with the connector deployed. Nothing is written to any store;
+alerts go to the log only. For each sensor it times, alternating so drift hits both alike:
+  connector_health_sensor  one full tick (status, deployed configs, diff against connectors/, decisions)
+      raw                  `GET /connectors?expand=status&expand=info` alone, on a kept-alive session
+  replication_lag_sensor   one full tick (slot query, committed heartbeat offset and its record, decisions)
+      raw                  the `pg_replication_slots` query on an open connection, plus the committed
+                           offset read of the sync group
+The figures are medians in milliseconds and the ratio tick/raw; the issue's bound is a tick well under
+a second while Connect answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import dagster as dg
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.defs.kafka_connect.health import ConnectorHealthPolicy, connector_health_sensor
+from knowton_pipeline.defs.postgres.replication import ReplicationThresholds, replication_lag_sensor
+from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource, build_resources
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ticks", type=int, default=50)
+    args = parser.parse_args()
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    settings = Settings.from_env()
+    resources = build_resources()
+    # One instance for every tick, as in the daemon (a fresh ephemeral instance per tick costs ~50 ms).
+    instance = dg.DagsterInstance.ephemeral()
+    alerts = AlertsResource(webhook_url="")  # the log only
+
+    connect_cursor: list[str | None] = [None]
+
+    def connect_tick() -> None:
+        context = dg.build_sensor_context(
+            cursor=connect_cursor[0],
+            instance=instance,
+            resources={
+                "kafka_connect": KafkaConnectResource(url=settings.connect_url),
+                "alerts": alerts,
+                "connector_health_policy": ConnectorHealthPolicy(),
+            },
+        )
+        result = connector_health_sensor(context)
+        connect_cursor[0] = result.cursor  # type: ignore[union-attr]
+
+    client = KafkaConnectClient(settings.connect_url)
+
+    lag_cursor: list[str | None] = [None]
+
+    def lag_tick() -> None:
+        context = dg.build_sensor_context(
+            cursor=lag_cursor[0],
+            instance=instance,
+            resources={
+                "postgres": resources["postgres"],
+                "kafka": resources["kafka"],
+                "alerts": alerts,
+                "replication_thresholds": ReplicationThresholds(),
+            },
+        )
+        result = replication_lag_sensor(context)
+        lag_cursor[0] = result.cursor  # type: ignore[union-attr]
+
+    conn = psycopg.connect(**settings.pg_conninfo(), autocommit=True)  # type: ignore[arg-type]
+
+    def lag_raw() -> None:
+        conn.execute(
+            "SELECT active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) "
+            "FROM pg_replication_slots WHERE slot_name = 'knowton_cdc_slot'"
+        ).fetchone()
+        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
+        try:
+            consumer.committed([TopicPartition(HEARTBEAT.topic, 0)], timeout=5.0)
+        finally:
+            consumer.close()
+
+    pairs = {
+        "connector_health_sensor": (connect_tick, lambda: client.connectors_with_status()),
+        "replication_lag_sensor": (lag_tick, lag_raw),
+    }
+    print(f"{args.ticks} ticks each, medians; reproduce with:")
+    print(f'  eval "$(.venv/bin/knowton env)" && .venv/bin/python benchmarks/health_ticks.py --ticks {args.ticks}')
+    print(f"{'sensor':<26} {'tick ms':>9} {'raw ms':>9} {'ratio':>7} {'max tick ms':>12}")
+    for name, (tick, raw) in pairs.items():
+        tick(), raw()  # warm up: connections, imports
+        ticks, raws = [], []
+        for _ in range(args.ticks):
+            ticks.append(timed(tick))
+            raws.append(timed(raw))
+        ratio = median_ms(ticks) / median_ms(raws)
+        print(f"{name:<26} {median_ms(ticks):>9.1f} {median_ms(raws):>9.1f} {ratio:>7.2f} {max(ticks) * 1000:>12.1f}")
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
