@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.defs.alerts.sensors import check_failure_alert_sensor
@@ -46,18 +47,25 @@ def run_checks(instance: dg.DagsterInstance, **thresholds: Any) -> dict[str, Any
 
 
 def _record_timestamp(settings: Settings, offset: int) -> datetime:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "knowton-test-reader"})
+    config = {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "knowton-test-reader"}
+    consumer = Consumer({**config, "enable.auto.commit": False})
     try:
         consumer.assign([TopicPartition(HEARTBEAT.topic, 0, offset)])
-        msg = wait_for(lambda: consumer.poll(0.5), timeout=30, interval=0.0, what=f"heartbeat record {offset}")
+
+        def record() -> Any:
+            msg = consumer.poll(0.5)
+            return msg if msg is not None and not msg.error() else None
+
+        msg = wait_for(record, timeout=30, interval=0.0, what=f"heartbeat record {offset}")
         return datetime.fromtimestamp(msg.timestamp()[1] / 1000, UTC)
     finally:
         consumer.close()
 
 
 def test_the_applied_heartbeat_is_the_committed_records_timestamp_read_without_a_fetch(
-    stack: Stack, settings: Settings, apply: Callable[[], ApplyStats]
+    stack: Stack, settings: Settings, apply: Callable[[], ApplyStats], pg: psycopg.Connection
 ) -> None:
+    pg.execute("UPDATE ops.heartbeat SET ts = now() WHERE id = 1")  # a heartbeat for this apply to commit
     apply()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
     try:
@@ -75,7 +83,12 @@ def test_the_applied_heartbeat_is_the_committed_records_timestamp_read_without_a
         legacy.commit(offsets=[TopicPartition(HEARTBEAT.topic, 0, committed.offset)], asynchronous=False)
     finally:
         legacy.close()
-    assert applied_heartbeat(settings.kafka_bootstrap, group_id=group) == newest
+    try:
+        assert applied_heartbeat(settings.kafka_bootstrap, group_id=group) == newest
+    finally:
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        for future in admin.delete_consumer_groups([group], request_timeout=10).values():
+            future.result()
 
 
 def _verdict(evaluation: Any) -> str:

@@ -329,18 +329,27 @@ def commit(consumer: Consumer, msgs: Sequence[Message]) -> dict[tuple[str, int],
 
     Each offset carries the timestamp of the record before it as metadata, so how far the apply has got in
     time is one committed-offset read away (end-to-end lag without fetching a record)."""
-    after: dict[tuple[str, int], tuple[int, int]] = {}
+    records = []
     for m in msgs:
-        key = (m.topic(), m.partition())
         kind, ms = m.timestamp()
-        if key not in after or m.offset() + 1 > after[key][0]:
-            after[key] = (m.offset() + 1, ms if kind != TIMESTAMP_NOT_AVAILABLE else -1)
-    offsets = [
-        TopicPartition(t, p, o, metadata=f"{COMMITTED_TS}{ms}" if ms >= 0 else None)
-        for (t, p), (o, ms) in after.items()
-    ]
+        records.append((m.topic(), m.partition(), m.offset(), ms if kind != TIMESTAMP_NOT_AVAILABLE else -1))
+    offsets = offsets_to_commit(records)
     consumer.commit(offsets=offsets, asynchronous=False)
-    return {key: o for key, (o, _) in after.items()}
+    return {(tp.topic, tp.partition): tp.offset for tp in offsets}
+
+
+def offsets_to_commit(records: Sequence[tuple[str, int, int, int]]) -> list[TopicPartition]:
+    """Per partition, the offset after its highest record (topic, partition, offset, timestamp ms or -1),
+    with that record's timestamp as metadata when it has one."""
+    last: dict[tuple[str, int], tuple[int, int]] = {}
+    for topic, partition, offset, ms in records:
+        key = (topic, partition)
+        if key not in last or offset >= last[key][0]:
+            last[key] = (offset, ms)
+    return [
+        TopicPartition(t, p, o + 1, metadata=f"{COMMITTED_TS}{ms}") if ms >= 0 else TopicPartition(t, p, o + 1)
+        for (t, p), (o, ms) in last.items()
+    ]
 
 
 def committed_timestamp(tp: TopicPartition) -> datetime | None:
@@ -349,8 +358,9 @@ def committed_timestamp(tp: TopicPartition) -> datetime | None:
     if not metadata.startswith(COMMITTED_TS):
         return None
     try:
-        return datetime.fromtimestamp(int(metadata.removeprefix(COMMITTED_TS)) / 1000, UTC)
-    except ValueError:
+        ms = int(metadata.removeprefix(COMMITTED_TS))
+        return datetime.fromtimestamp(ms / 1000, UTC) if ms >= 0 else None
+    except (ValueError, OverflowError, OSError):  # not written by `commit`: fetch the record instead
         return None
 
 
