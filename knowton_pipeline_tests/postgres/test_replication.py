@@ -73,7 +73,7 @@ def test_the_applied_heartbeat_is_the_committed_records_timestamp_read_without_a
     finally:
         consumer.close()
     newest = _record_timestamp(settings, committed.offset - 1)
-    assert committed.metadata == f"ts={int(newest.timestamp() * 1000)}"  # stored by the apply's commit
+    assert committed.metadata == f"ts={round(newest.timestamp() * 1000)}"  # stored by the apply's commit
     assert applied_heartbeat(settings.kafka_bootstrap) == newest
 
     # An offset committed without the timestamp (by an older apply, say) is read back from the record.
