@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -63,39 +64,34 @@ def main() -> int:
     instance = dg.DagsterInstance.ephemeral()
     alerts = AlertsResource(webhook_url="")  # the log only
 
-    connect_cursor: list[str | None] = [None]
+    def ticking(sensor: dg.SensorDefinition, sensor_resources: dict[str, Any]) -> Callable[[], None]:
+        """One tick of `sensor` per call, each carrying on from the cursor of the one before."""
+        cursor: list[str | None] = [None]
 
-    def connect_tick() -> None:
-        context = dg.build_sensor_context(
-            cursor=connect_cursor[0],
-            instance=instance,
-            resources={
-                "kafka_connect": KafkaConnectResource(url=settings.connect_url),
-                "alerts": alerts,
-                "connector_health_policy": ConnectorHealthPolicy(),
-            },
-        )
-        result = connector_health_sensor(context)
-        connect_cursor[0] = result.cursor  # type: ignore[union-attr]
+        def tick() -> None:
+            context = dg.build_sensor_context(cursor=cursor[0], instance=instance, resources=sensor_resources)
+            cursor[0] = sensor(context).cursor  # type: ignore[union-attr]
 
+        return tick
+
+    connect_tick = ticking(
+        connector_health_sensor,
+        {
+            "kafka_connect": KafkaConnectResource(url=settings.connect_url),
+            "alerts": alerts,
+            "connector_health_policy": ConnectorHealthPolicy(),
+        },
+    )
+    lag_tick = ticking(
+        replication_lag_sensor,
+        {
+            "postgres": resources["postgres"],
+            "kafka": resources["kafka"],
+            "alerts": alerts,
+            "replication_thresholds": ReplicationThresholds(),
+        },
+    )
     client = KafkaConnectClient(settings.connect_url)
-
-    lag_cursor: list[str | None] = [None]
-
-    def lag_tick() -> None:
-        context = dg.build_sensor_context(
-            cursor=lag_cursor[0],
-            instance=instance,
-            resources={
-                "postgres": resources["postgres"],
-                "kafka": resources["kafka"],
-                "alerts": alerts,
-                "replication_thresholds": ReplicationThresholds(),
-            },
-        )
-        result = replication_lag_sensor(context)
-        lag_cursor[0] = result.cursor  # type: ignore[union-attr]
-
     conn = psycopg.connect(**settings.pg_conninfo(), autocommit=True)  # type: ignore[arg-type]
 
     def lag_raw() -> None:

@@ -17,7 +17,12 @@ from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR, cdc_topic_
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.connectors import load_connector_configs
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
-from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, connect_health, trace_cause
+from knowton_pipeline.lib.health.connect import (
+    ConnectHealth,
+    ConnectorHealth,
+    connect_health,
+    connector_from_status,
+)
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
 
 RESTART_OP = "restart_connectors"
@@ -46,25 +51,6 @@ class RestartConfig(dg.Config):
     )
 
 
-def _all_running(status: dict[str, Any] | None) -> bool:
-    return bool(
-        status
-        and status["connector"]["state"] == "RUNNING"
-        and status.get("tasks")
-        and all(t["state"] == "RUNNING" for t in status["tasks"])
-    )
-
-
-def _failure(status: dict[str, Any] | None) -> str | None:
-    """Why the connector or one of its tasks is FAILED (the trace's cause line), if one is."""
-    if not status:
-        return None
-    for part in [status["connector"], *status.get("tasks", [])]:
-        if part.get("state") == "FAILED":
-            return trace_cause(part.get("trace")) or "no trace"
-    return None
-
-
 def _wait_held(client: KafkaConnectClient, name: str, wait_seconds: float, stable_seconds: float) -> str:
     """'RUNNING' once the connector and all its tasks have been RUNNING for `stable_seconds`; otherwise what
     went wrong: the cause when it failed again, or that it never came up within `wait_seconds`."""
@@ -73,10 +59,11 @@ def _wait_held(client: KafkaConnectClient, name: str, wait_seconds: float, stabl
     restarted = False  # seen out of FAILED since the restart request (RESTARTING, UNASSIGNED or RUNNING)
     while True:
         status = client.status(name)
+        health = connector_from_status(name, status) if status else None
         now = time.monotonic()
-        cause = _failure(status)
-        restarted = restarted or (status is not None and cause is None)
-        if _all_running(status):
+        cause = (health.failure_cause or "no trace") if health and health.failed else None
+        restarted = restarted or (health is not None and not health.failed)
+        if health and health.healthy:
             running_since = now if running_since is None else running_since
             if now - running_since >= stable_seconds:
                 return "RUNNING"

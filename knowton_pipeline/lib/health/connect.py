@@ -35,15 +35,18 @@ class ConnectorHealth:
         return self.state == "FAILED" or any(t.state == "FAILED" for t in self.tasks)
 
     @property
-    def failure_trace(self) -> str | None:
+    def _first_trace(self) -> str | None:
         traces = [self.trace] + [t.trace for t in self.tasks if t.state == "FAILED"]
-        first = next((t for t in traces if t), None)
+        return next((t for t in traces if t), None)
+
+    @property
+    def failure_trace(self) -> str | None:
+        first = self._first_trace
         return first[:TRACE_CHARS] if first else None
 
     @property
     def failure_cause(self) -> str | None:
-        traces = [self.trace] + [t.trace for t in self.tasks if t.state == "FAILED"]
-        return trace_cause(next((t for t in traces if t), None))
+        return trace_cause(self._first_trace)
 
     @property
     def healthy(self) -> bool:
@@ -85,15 +88,20 @@ class ConnectHealth:
         return self.reachable and not self.failed and not self.missing and not self.drifted
 
 
-def _connector(name: str, body: dict[str, Any], expected: dict[str, str] | None) -> ConnectorHealth:
-    status = body.get("status", {})
-    info = body.get("info", {})
+def connector_from_status(
+    name: str,
+    status: dict[str, Any],
+    config: dict[str, str] | None = None,
+    expected: dict[str, str] | None = None,
+) -> ConnectorHealth:
+    """A connector's health from its status (`GET /connectors/{name}/status`), with the keys of its deployed
+    `config` that differ from `expected` when both are given."""
     tasks = [
         TaskState(int(t.get("id", 0)), str(t.get("state", "UNKNOWN")), t.get("worker_id"), t.get("trace"))
         for t in status.get("tasks", [])
     ]
     connector = status.get("connector", {})
-    drift = diff_config(info.get("config", {}), expected) if expected is not None else []
+    drift = diff_config(config or {}, expected) if expected is not None else []
     return ConnectorHealth(name, str(connector.get("state", "UNKNOWN")), tasks, connector.get("trace"), drift)
 
 
@@ -104,6 +112,11 @@ def connect_health(client: KafkaConnectClient, expected: dict[str, dict[str, str
         body = client.connectors_with_status()
     except KafkaConnectError as exc:
         return ConnectHealth(False, str(exc), seconds=time.monotonic() - t0)
-    connectors = {name: _connector(name, value, expected.get(name)) for name, value in sorted(body.items())}
+    connectors = {
+        name: connector_from_status(
+            name, value.get("status", {}), value.get("info", {}).get("config", {}), expected.get(name)
+        )
+        for name, value in sorted(body.items())
+    }
     missing = sorted(set(expected) - set(connectors))
     return ConnectHealth(True, None, connectors, missing, time.monotonic() - t0)
