@@ -1,13 +1,21 @@
 """Versioned, idempotent batch writes to the ClickHouse mirrors and the Elasticsearch indices.
 
 A write either succeeds, is refused for good (poison: returned to the caller for the DLQ), or the
-store is unavailable (TransientStoreError: the caller retries the whole batch, which is harmless
-because every write carries its version).
+store is unavailable or refuses writes store-wide (TransientStoreError: the caller retries the whole batch,
+which is harmless because every write carries its version).
+
+Errors are classified by their cause, never by how many rows of a batch failed: a record is poison only when
+the store names something about that record (a value it cannot parse or hold); a write block, a closed or
+missing index or table, too many parts, a memory limit, a read-only replica, and any error the writer does not
+recognise hold the batch and are retried. An unknown error therefore stops the sync visibly (lag grows, the
+run fails after its retry budget) instead of sending good records to the DLQ.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +35,11 @@ from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_c
 
 class TransientStoreError(RuntimeError):
     """The store is down or overloaded: retry the batch later, do not dead-letter anything."""
+
+
+class StoreRefusedError(TransientStoreError):
+    """The store refuses every write to a table or index (a block, a missing table, a resource limit): an
+    outage to wait out, never a reason to dead-letter the records that met it."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,57 @@ class Prepared:
 
 def _is_transient_clickhouse(exc: BaseException) -> bool:
     return isinstance(exc, ch_errors.OperationalError | ch_errors.StreamFailureError | ConnectionError | OSError)
+
+
+# ClickHouse errors that are about the values of the rows sent (so about one record), by error name. Every
+# other server error (UNKNOWN_TABLE, TOO_MANY_PARTS, MEMORY_LIMIT_EXCEEDED, TABLE_IS_READ_ONLY, READONLY,
+# NOT_ENOUGH_SPACE, ...) concerns the table or the server and holds the batch.
+CLICKHOUSE_ROW_ERRORS = frozenset(
+    {
+        "CANNOT_PARSE_TEXT",
+        "CANNOT_PARSE_NUMBER",
+        "CANNOT_PARSE_DATE",
+        "CANNOT_PARSE_DATETIME",
+        "CANNOT_PARSE_QUOTED_STRING",
+        "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+        "CANNOT_PARSE_ESCAPE_SEQUENCE",
+        "CANNOT_READ_ARRAY_FROM_TEXT",
+        "CANNOT_CONVERT_TYPE",
+        "CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN",
+        "ARGUMENT_OUT_OF_BOUND",
+        "DECIMAL_OVERFLOW",
+        "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+        "TOO_LARGE_STRING_SIZE",
+        "TOO_LARGE_ARRAY_SIZE",
+        "INCORRECT_DATA",
+        "TYPE_MISMATCH",
+    }
+)
+_CLICKHOUSE_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
+# Raised while clickhouse-connect serialises a value on the client: always about that value.
+_CLIENT_VALUE_ERRORS = (ch_errors.DataError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
+
+
+def clickhouse_error_name(exc: BaseException) -> str | None:
+    """The error name a ClickHouse server error carries ("... (UNKNOWN_TABLE)"), None when it has none."""
+    names = _CLICKHOUSE_ERROR_NAME.findall(str(exc))
+    return names[-1] if names else None
+
+
+def clickhouse_fault(exc: BaseException) -> str:
+    """"row" when `exc` is about the values of the rows sent, "store" when the store refuses the write as such."""
+    if isinstance(exc, _CLIENT_VALUE_ERRORS):
+        return "row"
+    if isinstance(exc, ch_errors.DatabaseError) and clickhouse_error_name(exc) in CLICKHOUSE_ROW_ERRORS:
+        return "row"
+    return "store"
+
+
+def _clickhouse_store_error(target: str, exc: BaseException) -> TransientStoreError:
+    if _is_transient_clickhouse(exc):
+        return TransientStoreError(f"ClickHouse unavailable: {type(exc).__name__}: {exc}")
+    name = clickhouse_error_name(exc) or type(exc).__name__
+    return StoreRefusedError(f"ClickHouse refuses writes to {target} ({name}); holding the batch: {exc}")
 
 
 class ClickHouseWriter:
@@ -89,30 +153,24 @@ class ClickHouseWriter:
         out, by_table = prepared.outcome, prepared.payload
         for pairs in by_table.values():
             table = pairs[0][0].table
+            target = f"{self.database}.{table.clickhouse_table}"
             try:
                 self._insert(table, [r for _, r in pairs])
                 out.written += len(pairs)
                 continue
             except Exception as exc:
-                if _is_transient_clickhouse(exc):
-                    raise TransientStoreError(f"ClickHouse unavailable: {type(exc).__name__}: {exc}") from exc
-                batch_error = exc
-            # The batch was refused: find the rows ClickHouse refuses on their own.
-            failed: list[tuple[WriteItem, BaseException]] = []
+                if clickhouse_fault(exc) == "store":
+                    raise _clickhouse_store_error(target, exc) from exc
+            # A value was refused: find the rows ClickHouse refuses on their own. A store-wide error met on the
+            # way still holds the whole batch.
             for item, row in pairs:
                 try:
                     self._insert(table, [row])
                     out.written += 1
                 except Exception as exc:
-                    if _is_transient_clickhouse(exc):
-                        raise TransientStoreError(f"ClickHouse unavailable: {exc}") from exc
-                    failed.append((item, exc))
-            if failed and len(failed) == len(pairs) and len(pairs) > 1:
-                # Every row refused alike: the table, not the data, is wrong (missing, wrong DDL).
-                raise TransientStoreError(
-                    f"ClickHouse refuses every row of {self.database}.{table.clickhouse_table}: {batch_error}"
-                )
-            out.poison.extend(failed)
+                    if clickhouse_fault(exc) == "store":
+                        raise _clickhouse_store_error(target, exc) from exc
+                    out.poison.append((item, exc))
         return out
 
 
@@ -127,8 +185,28 @@ def _json_bytes(doc: dict[str, Any]) -> bytes:
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
 
 
-def _es_transient_status(status: int) -> bool:
-    return status == 429 or status >= 500
+# Bulk item errors that are about the document itself. Any other error (cluster_block_exception for a write
+# block, index_closed_exception, index_not_found_exception, es_rejected_execution_exception,
+# circuit_breaking_exception, unavailable shards, ...) concerns the index or the cluster and holds the batch.
+ELASTICSEARCH_DOCUMENT_ERRORS = frozenset(
+    {
+        "mapper_parsing_exception",
+        "document_parsing_exception",
+        "strict_dynamic_mapping_exception",
+        "illegal_argument_exception",
+        "x_content_parse_exception",
+        "json_parse_exception",
+    }
+)
+
+
+def elasticsearch_fault(status: int, error_type: str | None) -> str:
+    """"stale" for a version conflict, "document" for an error about that document, "store" otherwise."""
+    if status == 409:
+        return "stale"
+    if status < 500 and error_type in ELASTICSEARCH_DOCUMENT_ERRORS:
+        return "document"
+    return "store"
 
 
 class ElasticsearchWriter:
@@ -187,26 +265,28 @@ class ElasticsearchWriter:
             # Only what is read back: parsing full per-item results cost as much as building the request.
             response = self.es.bulk(operations=operations, refresh=False, filter_path=BULK_FILTER)
         except ApiError as exc:
-            if _es_transient_status(exc.meta.status):
-                raise TransientStoreError(f"Elasticsearch answered HTTP {exc.meta.status}") from exc
-            raise
+            # The request as a whole was refused: whatever the status, no single document is to blame.
+            raise StoreRefusedError(f"Elasticsearch refused the bulk request (HTTP {exc.meta.status})") from exc
         except elastic_transport.TransportError as exc:
             raise TransientStoreError(f"Elasticsearch unavailable: {type(exc).__name__}") from exc
-        transient = 0
+        refused: dict[str, int] = defaultdict(int)
         for item, result in zip(planned, response["items"], strict=True):
             r = result["index"]
             status = r.get("status", 500)
             if status < 300:
                 out.written += 1
-            elif status == 409:
+                continue
+            error = r.get("error") or {}
+            fault = elasticsearch_fault(status, error.get("type"))
+            if fault == "stale":
                 out.stale += 1
-            elif _es_transient_status(status):
-                transient += 1
-            else:
-                error = r.get("error", {})
+            elif fault == "document":
                 out.poison.append((item, MappingRejectedError(f"{error.get('type')}: {error.get('reason')}")))
-        if transient:
-            raise TransientStoreError(f"Elasticsearch rejected {transient} document(s) as overloaded or unavailable")
+            else:
+                refused[f"HTTP {status} {error.get('type') or 'error'}"] += 1
+        if refused:
+            causes = ", ".join(f"{n} x {cause}" for cause, n in sorted(refused.items()))
+            raise StoreRefusedError(f"Elasticsearch refused document(s) store-wide ({causes}); holding the batch")
         return out
 
 
