@@ -14,8 +14,9 @@ from typing import Any
 from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.transform import decimal_text, exact_decimal, format_timestamp
+from knowton_pipeline.lib.versions import MAX_VERSION, stream_version
 
-OPS = ("c", "u", "d", "r")
+OPS = ("c", "u", "d", "r", "t")
 _MISSING: Any = object()
 _INT_RANGES = {"int": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 # Debezium's ZonedTimestamp: ISO-8601 with 0-9 fraction digits, normally "Z" (any offset is accepted).
@@ -40,34 +41,51 @@ class MalformedEventError(ValueError):
 class ChangeEvent:
     """One decoded change to one row.
 
-    `before` and `after` are keyed by PostgreSQL column name and Python-typed. `lsn` is `source.lsn`, the version
-    every write of this change carries; `ts_ms` is when PostgreSQL committed it (`source.ts_ms`).
+    `after` is keyed by PostgreSQL column name and Python-typed, decoded whole: it is what the stores will hold.
+    `before` is informative only (which content a deleted purchase counted for, whether a username changed):
+    it holds just the columns that decoded, so an old value the decoder refuses (numeric NaN, a timestamp at
+    infinity) or a key-only image (`REPLICA IDENTITY DEFAULT`) can never block the change. A delete applies
+    from its key alone. A truncate ("t") has no key and no images: it removes every row of the table.
+    `lsn` is `source.lsn`; `version`, what every write of this change carries, orders changes by commit
+    (`lib/versions.py`, which defaults it to `lsn`); `ts_ms` is when PostgreSQL committed the change.
     """
 
     table: SyncedTable
-    op: str  # "c" insert, "u" update, "d" delete, "r" snapshot read
-    key: tuple[Any, ...]  # typed values, in `table.key` order
+    op: str  # "c" insert, "u" update, "d" delete, "r" snapshot read, "t" truncate
+    key: tuple[Any, ...]  # typed values, in `table.key` order; () for a truncate
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     lsn: int
     ts_ms: int
+    version: int = 0
 
     def __post_init__(self) -> None:
+        if self.version == 0:
+            object.__setattr__(self, "version", self.lsn)
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if (self.before if self.op == "d" else self.after) is None:
-            raise ValueError(f"a {self.op!r} event needs its {'before' if self.op == 'd' else 'after'} row")
+        if self.op in ("c", "u", "r") and self.after is None:
+            raise ValueError(f"a {self.op!r} event needs its after row")
+        if (self.op == "t") != (not self.key):
+            raise ValueError("a truncate, and only a truncate, has no key")
 
     @property
     def is_delete(self) -> bool:
         return self.op == "d"
 
     @property
+    def is_truncate(self) -> bool:
+        return self.op == "t"
+
+    @property
     def row(self) -> dict[str, Any]:
-        """The row this change leaves behind, or for a delete the row it removed."""
-        row = self.before if self.op == "d" else self.after
-        assert row is not None  # guaranteed by __post_init__
-        return row
+        """The row this change leaves behind; for a delete, the removed row's key columns."""
+        if self.op == "t":
+            return {}
+        if self.op == "d":
+            return dict(zip(self.table.key, self.key, strict=True))
+        assert self.after is not None  # guaranteed by __post_init__
+        return self.after
 
 
 class _Refused(Exception):
@@ -296,6 +314,28 @@ def decode_row(table: SyncedTable, raw: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def decode_partial_row(table: SyncedTable, raw: Any) -> dict[str, Any]:
+    """The columns of an old row image (`before`) that decode, keyed by PostgreSQL column name.
+
+    A value the decoder refuses, a NULL Debezium puts in a NOT NULL column of a key-only image
+    (`REPLICA IDENTITY DEFAULT`), or a missing column is left out instead of refusing the event: the old
+    image only informs, the stores never hold it.
+    """
+    if not isinstance(raw, Mapping):
+        return {}
+    codecs, _ = _codecs(table)
+    row: dict[str, Any] = {}
+    for codec in codecs:
+        value = raw.get(codec.name, _MISSING)
+        if value is _MISSING or (value is None and not (codec.nullable or codec.json_null)):
+            continue
+        try:
+            row[codec.name] = _decode_value(table, codec, value)
+        except MalformedEventError:
+            continue
+    return row
+
+
 def encode_row_like_debezium(table: SyncedTable, row: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of `decode_row`: a Python-typed row as the connector would put it in `before`/`after`.
 
@@ -364,8 +404,9 @@ def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEv
 
     Raises `UnknownTableError` (from the catalog) for a topic that is not `cdc-` plus a catalog table, and
     `MalformedEventError` for a record that can never be applied: not JSON, an unknown `op`, no positive
-    `source.lsn`, a `source.table` other than the topic's, a c/u/r without `after`, a d without `before`, a row
-    that does not decode, or a Kafka key that disagrees with the row's key.
+    `source.lsn`, a `source.table` other than the topic's, a c/u/r without `after` or whose `after` does not
+    decode, a delete with no key anywhere, or a Kafka key that disagrees with the row's key. The old image
+    (`before`) never makes an event poison: see `ChangeEvent`.
     """
     table = table_for_topic(topic)
     if value is None:
@@ -398,22 +439,44 @@ def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEv
     if type(ts_ms) is not int or ts_ms < 0:
         raise MalformedEventError(f"{topic}: source.ts_ms must be a non-negative integer, got {_json_type(ts_ms)}")
 
+    version = stream_version(op, lsn, source.get("sequence"))
+    if version > MAX_VERSION:
+        raise MalformedEventError(f"{topic}: source.lsn is beyond the largest version the stores can hold")
     raw_before, raw_after = envelope.get("before"), envelope.get("after")
+    if op == "t":
+        # TRUNCATE: Debezium sends it with no key and no row images (skipped.operations must not skip "t").
+        return ChangeEvent(table=table, op=op, key=(), before=None, after=None, lsn=lsn, ts_ms=ts_ms, version=version)
     if op == "d":
-        if raw_before is None:
-            raise MalformedEventError(f"{topic}: a delete needs before (REPLICA IDENTITY FULL), got null")
         if raw_after is not None:
             raise MalformedEventError(f"{topic}: a delete must have after null, got {_json_type(raw_after)}")
-        before, after = decode_row(table, raw_before), None
-        row = before
+        if raw_before is not None and not isinstance(raw_before, Mapping):
+            raise MalformedEventError(f"{topic}: before must be an object, got {_json_type(raw_before)}")
+        before, after = decode_partial_row(table, raw_before), None
+        # A delete needs only its key: from the old image when it has the key columns, else from the Kafka key.
+        if all(name in before for name in table.key):
+            row_key = tuple(before[name] for name in table.key)
+        elif key is not None:
+            return ChangeEvent(
+                table=table,
+                op=op,
+                key=_decode_key(table, key),
+                before=before,
+                after=None,
+                lsn=lsn,
+                ts_ms=ts_ms,
+                version=version,
+            )
+        else:
+            raise MalformedEventError(f"{topic}: a delete needs its key, in before or in the Kafka key")
     else:
         if raw_after is None:
             raise MalformedEventError(f"{topic}: op {op!r} needs after, got null")
         after = decode_row(table, raw_after)
-        before = None if raw_before is None else decode_row(table, raw_before)
-        row = after
+        before = None if raw_before is None else decode_partial_row(table, raw_before)
+        row_key = tuple(after[name] for name in table.key)
 
-    row_key = tuple(row[name] for name in table.key)
     if key is not None and _decode_key(table, key) != row_key:
         raise MalformedEventError(f"{topic}: the Kafka key disagrees with the row's key ({', '.join(table.key)})")
-    return ChangeEvent(table=table, op=op, key=row_key, before=before, after=after, lsn=lsn, ts_ms=ts_ms)
+    return ChangeEvent(
+        table=table, op=op, key=row_key, before=before, after=after, lsn=lsn, ts_ms=ts_ms, version=version
+    )

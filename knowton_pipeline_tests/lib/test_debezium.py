@@ -285,8 +285,10 @@ def test_decode_event_gives_op_key_lsn_and_row_images(
     assert (event.table, event.op, event.lsn, event.ts_ms) == (synced, op, lsn, ts_ms)
     assert event.key == tuple(row[k] for k in synced.key)
     assert event.before == before and event.after == after
-    assert event.row == row and event.is_delete == (op == "d")
-    assert same_scale(event.row, row)
+    # A delete leaves behind only its key; the stores need nothing else to apply it.
+    left = {k: row[k] for k in synced.key} if op == "d" else row
+    assert event.row == left and event.is_delete == (op == "d")
+    assert same_scale(event.row, left)
     assert decode_event(synced.topic, None, value) == event
 
 
@@ -476,7 +478,6 @@ MALFORMED_ENVELOPES: dict[str, tuple[Callable[[], dict | bytes], str]] = {
     "schemas.enable=true envelope": (lambda: {"schema": {}, "payload": _user_event()}, "schemas.enable=false"),
     "op missing": (_drop("op"), "op"),
     "op unknown": (_set("op", "x"), "op"),
-    "op truncate": (_set("op", "t"), "op"),
     "op is a number": (_set("op", 5), "op"),
     "op is a long secret": (_set("op", SECRET * 3), "op"),
     "source missing": (_drop("source"), "source"),
@@ -494,10 +495,9 @@ MALFORMED_ENVELOPES: dict[str, tuple[Callable[[], dict | bytes], str]] = {
     "update without after": (_set("after", None), "after"),
     "create without after": (_set("after", None, op="c"), "after"),
     "read without after": (_set("after", None, op="r"), "after"),
-    "delete without before": (_set("before", None, op="d"), "before"),
     "delete with an after": (_set("after", {"address": SECRET}, op="d"), "after"),
     "after is a string": (_set("after", SECRET), "User"),
-    "before is a list": (_set("before", [SECRET]), "User"),
+    "delete whose before is a list": (_set("before", [SECRET], op="d"), "before"),
 }
 
 
@@ -542,8 +542,59 @@ def test_a_delete_is_keyed_by_its_before_image() -> None:
     row = FIXED_ROWS["User"]
     event = decode_event("cdc-User", key_bytes(user, row), to_bytes(_user_event("d")))
     assert event is not None and event.is_delete
-    assert event.after is None and event.row == event.before == row
+    assert event.after is None and event.before == row and event.row == {"address": row["address"]}
     assert event.key == (row["address"],)
+
+
+def _with_user_before(op: str, before: object) -> bytes:
+    value = _user_event(op)
+    value["before"] = before
+    return to_bytes(value)
+
+
+@given(st.sampled_from(["NaN", "Infinity", "-Infinity", "not a number"]), st.sampled_from(["infinity", "-infinity"]))
+def test_a_delete_applies_from_its_key_whatever_its_old_values(price: str, stamp: str) -> None:
+    content = table("Content")
+    row = FIXED_ROWS["Content"]
+    raw = {**encode_row_like_debezium(content, row), "price": price, "createdAt": stamp, "tags": ["a", None]}
+    value = {**envelope(content, "d", row, None, lsn=5, ts_ms=1), "before": raw}
+    event = decode_event("cdc-Content", key_bytes(content, row), to_bytes(value))
+    assert event is not None and event.is_delete and event.key == (row["id"],)
+    assert event.row == {"id": row["id"]}
+    # The values that decode are kept for the enrichment; the refused ones are left out, not guessed.
+    assert event.before is not None and "price" not in event.before and "tags" not in event.before
+    assert event.before["creator"] == row["creator"]
+
+
+def test_an_update_applies_from_its_after_image_whatever_its_old_values() -> None:
+    content = table("Content")
+    row = FIXED_ROWS["Content"]
+    value = envelope(content, "u", row, row, lsn=5, ts_ms=1)
+    value["before"]["price"] = "NaN"
+    event = decode_event("cdc-Content", key_bytes(content, row), to_bytes(value))
+    assert event is not None and event.after == row and event.row == row
+    assert event.before is not None and "price" not in event.before
+
+
+def test_a_key_only_delete_of_replica_identity_default_applies() -> None:
+    user = table("User")
+    row = FIXED_ROWS["User"]
+    key_only = {c.name: (row[c.name] if c.name in user.key else None) for c in user.columns}
+    event = decode_event("cdc-User", key_bytes(user, row), _with_user_before("d", key_only))
+    assert event is not None and event.is_delete and event.key == (row["address"],)
+    # No old image at all: the Kafka key is enough.
+    event = decode_event("cdc-User", key_bytes(user, row), _with_user_before("d", None))
+    assert event is not None and event.key == (row["address"],) and event.row == {"address": row["address"]}
+    with pytest.raises(MalformedEventError, match="key"):
+        decode_event("cdc-User", None, _with_user_before("d", None))
+
+
+def test_a_truncate_decodes_to_an_event_without_key_or_images() -> None:
+    value = {"op": "t", "before": None, "after": None, "source": {"lsn": 99, "ts_ms": 7, "table": "Purchase"}}
+    event = decode_event("cdc-Purchase", None, to_bytes(value))
+    assert event is not None and event.is_truncate and not event.is_delete
+    assert (event.key, event.before, event.after, event.lsn) == ((), None, None, 99)
+    assert event.row == {}
 
 
 @pytest.mark.parametrize("topic", ["cdc-Nope", "User", "dlq-parked", "cdc-user", "", "cdc-", "knowton.public.User"])
@@ -580,6 +631,10 @@ def test_encoding_refuses_floats_and_naive_timestamps() -> None:
 
 def test_change_event_refuses_an_op_without_its_row_image() -> None:
     with pytest.raises(ValueError):
-        ChangeEvent(table=table("heartbeat"), op="d", key=(1,), before=None, after={"id": 1}, lsn=1, ts_ms=0)
+        ChangeEvent(table=table("heartbeat"), op="c", key=(1,), before=None, after=None, lsn=1, ts_ms=0)
+    with pytest.raises(ValueError):
+        ChangeEvent(table=table("heartbeat"), op="t", key=(1,), before=None, after=None, lsn=1, ts_ms=0)
+    with pytest.raises(ValueError):
+        ChangeEvent(table=table("heartbeat"), op="d", key=(), before=None, after=None, lsn=1, ts_ms=0)
     with pytest.raises(ValueError):
         ChangeEvent(table=table("heartbeat"), op="x", key=(1,), before=None, after={"id": 1}, lsn=1, ts_ms=0)

@@ -13,9 +13,8 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.settings import Settings
-from knowton_pipeline.lib.sync import dlq
+from knowton_pipeline.lib.sync import dlq, writers
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline.lib.sync import writers
 from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_user, make_applier, topic_size, wait_for_cdc
 
 

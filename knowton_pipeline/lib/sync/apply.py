@@ -20,12 +20,13 @@ import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
 from elasticsearch import Elasticsearch
+from psycopg import sql
 
 from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
-from knowton_pipeline.lib.sync.source import content_items, contents_by_creators
+from knowton_pipeline.lib.sync.source import CONTENT, content_items, contents_by_creators, qualified
 from knowton_pipeline.lib.sync.writers import (
     ClickHouseWriter,
     ElasticsearchWriter,
@@ -251,6 +252,14 @@ class CdcApplier:
         es_out = self.es_writer.write(es_items)
         letters += _letters("elasticsearch", es_out)
 
+        # A truncate turns what the stores hold of the table below its version into tombstones, after the batch's
+        # other writes: changes after the truncate carry higher versions and stay.
+        for e, _ in events:
+            if e.is_truncate:
+                ch_out.written += self.ch_writer.truncate(e.table, e.version)
+                if e.table.elasticsearch_index is not None:
+                    es_out.written += self.es_writer.truncate(e.table, e.version)
+
         dlq.publish(self.producer, letters)
         # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
         stats.events += len(events)
@@ -266,9 +275,27 @@ class CdcApplier:
         return elasticsearch_items(events, self._pg_conn)
 
 
+def latest_per_key(events: Sequence[tuple[ChangeEvent, Any]]) -> list[tuple[ChangeEvent, tuple[Any, ...]]]:
+    """The last change of each row in the batch, with the sources of all its changes (in order).
+
+    Changes of one row that share a version (one transaction) must be written in order; keeping only the last
+    makes that hold in a single insert too (`lib/versions.py`). Truncates carry no row and are left out."""
+    latest: dict[tuple[str, tuple[Any, ...]], tuple[ChangeEvent, list[Any]]] = {}
+    for e, source in events:
+        if e.is_truncate:
+            continue
+        ident = (e.table.name, e.key)
+        previous = latest.pop(ident, None)
+        sources = previous[1] if previous else []
+        sources.append(source)
+        keep = e if previous is None or e.version >= previous[0].version else previous[0]
+        latest[ident] = (keep, sources)
+    return [(e, tuple(sources)) for e, sources in latest.values()]
+
+
 def clickhouse_items(events: Sequence[tuple[ChangeEvent, Any]]) -> list[WriteItem]:
-    """Mirror rows straight from the events, each versioned with its own LSN."""
-    return [WriteItem(e.table, e.row, e.lsn, e.is_delete, (source,)) for e, source in events]
+    """Mirror rows straight from the events, each versioned by commit order (`lib/versions.py`)."""
+    return [WriteItem(e.table, e.row, e.version, e.is_delete, sources) for e, sources in latest_per_key(events)]
 
 
 def elasticsearch_items(
@@ -276,32 +303,40 @@ def elasticsearch_items(
 ) -> list[WriteItem]:
     """User documents come from the event; Content documents, which carry the creator's username and
     the sales count, are re-read from PostgreSQL whenever anything they show changed, in a consistent
-    snapshot whose LSN versions them. `source` is what to dead-letter if an item turns out poison."""
+    snapshot that versions them. A truncate of User or Purchase changes what every Content document shows.
+    `source` is what to dead-letter if an item turns out poison."""
     items: list[WriteItem] = []
     content_sources: dict[int, list[Any]] = defaultdict(list)
     creators: dict[str, list[Any]] = defaultdict(list)
+    every_content: list[Any] = []
     for e, source in events:
-        name = e.table.name
-        if name == "User":
-            items.append(WriteItem(e.table, e.row, e.lsn, e.is_delete, (source,)))
-            before, after = e.before or {}, e.after or {}
-            if e.op == "u" and before.get("username") != after.get("username"):
-                creators[e.row["address"]].append(source)
-        elif name == "Content":
+        if e.is_truncate and e.table.name in ("User", "Purchase"):
+            every_content.append(source)
+        elif e.table.name == "Content" and not e.is_truncate:
             content_sources[e.row["id"]].append(source)
-        elif name == "Purchase":
+        elif e.table.name == "Purchase":
+            # The old image may lack contentId (REPLICA IDENTITY DEFAULT, or a value that did not decode).
             for image in (e.before, e.after):
-                if image:
+                if image and "contentId" in image:
                     content_sources[image["contentId"]].append(source)
-    if not content_sources and not creators:
+    for e, sources in latest_per_key(events):
+        if e.table.name == "User":
+            items.append(WriteItem(e.table, e.row, e.version, e.is_delete, sources))
+    for e, source in events:
+        if e.table.name == "User" and e.op == "u" and (e.before or {}).get("username") != e.row["username"]:
+            creators[e.row["address"]].append(source)
+    if not content_sources and not creators and not every_content:
         return items
     conn = pg_conn()
+    if every_content:
+        for (content_id,) in conn.execute(sql.SQL("SELECT id FROM {}").format(qualified(CONTENT))):
+            content_sources[content_id].extend(every_content)
     for content_id, creator in contents_by_creators(conn, list(creators)):
         content_sources[content_id].extend(creators[creator])
     conn.commit()
-    with consistent_snapshot(conn) as lsn:
+    with consistent_snapshot(conn) as version:
         items += content_items(
-            conn, content_sources, version=lsn, sources={k: tuple(v) for k, v in content_sources.items()}
+            conn, content_sources, version=version, sources={k: tuple(v) for k, v in content_sources.items()}
         )
     return items
 

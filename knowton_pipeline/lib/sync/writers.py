@@ -27,10 +27,18 @@ import orjson
 from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import ApiError, Elasticsearch
+from elasticsearch import helpers as es_helpers
 
-from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, SyncedTable
-from knowton_pipeline.lib.canonical import es_hash_fields
-from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, SyncedTable, snake
+from knowton_pipeline.lib.canonical import backtick, es_hash_fields
+from knowton_pipeline.lib.transform import (
+    ES_DELETED_FIELD,
+    ES_VERSION_FIELD,
+    clickhouse_columns,
+    document_id,
+    to_clickhouse_row,
+    to_es_document,
+)
 
 
 class TransientStoreError(RuntimeError):
@@ -136,6 +144,19 @@ class ClickHouseWriter:
     def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
         return self.send(self.prepare(items))
 
+    def truncate(self, table: SyncedTable, version: int) -> int:
+        """Every live row of the mirror older than `version` becomes a tombstone at `version` (a TRUNCATE)."""
+        target = f"{self.database}.{table.clickhouse_table}"
+        keys = ", ".join(backtick(snake(k)) for k in table.key)
+        try:
+            rows = self.client.query(
+                f"SELECT {keys} FROM {target} FINAL WHERE version < {{v:UInt64}}", parameters={"v": version}
+            ).result_rows
+        except Exception as exc:
+            raise _clickhouse_store_error(target, exc) from exc
+        items = [WriteItem(table, dict(zip(table.key, r, strict=True)), version, True) for r in rows]
+        return _tombstones_written(self.write(items), target)
+
     def prepare(self, items: Sequence[WriteItem]) -> Prepared:
         """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
         out = WriteOutcome()
@@ -220,6 +241,29 @@ class ElasticsearchWriter:
     def write(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> WriteOutcome:
         return self.send(self.prepare(items, indexed_at=indexed_at))
 
+    def truncate(self, table: SyncedTable, version: int) -> int:
+        """Every live document of the table's index older than `version` becomes a tombstone at `version`."""
+        assert table.elasticsearch_index is not None
+        index = self.index_names.get(table.elasticsearch_index, table.elasticsearch_index)
+        fields = [table.column(k).target_name for k in table.key]
+        query = {
+            "bool": {
+                "filter": [{"range": {ES_VERSION_FIELD: {"lt": version}}}],
+                "must_not": [{"term": {ES_DELETED_FIELD: True}}],
+            }
+        }
+        try:
+            # The batch written just before must be visible to the scan.
+            self.es.indices.refresh(index=index)
+            hits = list(es_helpers.scan(self.es, index=index, query={"query": query}, _source=fields, size=5000))
+        except (ApiError, elastic_transport.TransportError) as exc:
+            raise StoreRefusedError(f"Elasticsearch could not list {index} for a truncate: {exc}") from exc
+        items = [
+            WriteItem(table, dict(zip(table.key, (h["_source"][f] for f in fields), strict=True)), version, True)
+            for h in hits
+        ]
+        return _tombstones_written(self.write(items), index)
+
     def prepare(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> Prepared:
         """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
         out = WriteOutcome()
@@ -288,6 +332,14 @@ class ElasticsearchWriter:
             causes = ", ".join(f"{n} x {cause}" for cause, n in sorted(refused.items()))
             raise StoreRefusedError(f"Elasticsearch refused document(s) store-wide ({causes}); holding the batch")
         return out
+
+
+def _tombstones_written(outcome: WriteOutcome, target: str) -> int:
+    if outcome.poison:
+        # A tombstone holds only a key the store already has: a refusal is the store's, never the record's.
+        _, exc = outcome.poison[0]
+        raise StoreRefusedError(f"{target} refused {len(outcome.poison)} truncate tombstone(s): {exc}")
+    return outcome.written
 
 
 class MappingRejectedError(ValueError):

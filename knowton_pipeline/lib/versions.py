@@ -1,0 +1,88 @@
+"""The version every write carries, ordered by commit: the one place that argues why later commits always win.
+
+Every write to a mirror or an index carries a version (ClickHouse `ReplacingMergeTree(version, ...)`, Elasticsearch
+`version_type=external_gte`), and the store keeps the highest. Versions must follow PostgreSQL's *commit* order,
+not the LSN of each change: a transaction open while a snapshot is taken has change LSNs below the snapshot's
+position but commits after it, and its changes must win over the snapshot's rows.
+
+**Streamed changes.** Debezium's PostgreSQL events carry `source.lsn`, the change's own LSN, and
+`source.sequence = [lastCommitLsn, lsn]`, where `lastCommitLsn` is the end of the commit record of the transaction
+streamed *before* this one (logical decoding emits whole transactions in commit order). A change's version is
+
+    V(e) = max(lastCommitLsn(e), lsn(e))
+
+Ordering: let T1 commit before T2, both streamed. Every change of T1 and T1's own `lastCommitLsn` lie before the
+end of T1's commit record, and T2's `lastCommitLsn` is at or after that end. So every version of T2 is above every
+version of T1: versions follow commit order across transactions. Within one transaction, versions never decrease
+with the change's LSN; changes of one row that share a version (several updates of a row in one transaction,
+all before `lastCommitLsn`) arrive in order on one partition and the later one wins, because both stores keep the
+last write among equal versions (`external_gte`; ReplacingMergeTree keeps the last inserted of equal versions),
+and a batch keeps only the last change of a key (`latest_per_key`).
+
+**Snapshots** (backfill, repair, the search documents' re-read of other tables). Before the snapshot, one
+transaction reads the WAL insert position `x` and then writes the anchor, a row of the published `ops.heartbeat`
+table, and commits; only then is the REPEATABLE READ snapshot taken. Its rows are versioned `x`.
+- A transaction the snapshot cannot see commits after the anchor, so Debezium streams it after the anchor and its
+  `lastCommitLsn` is at least the end of the anchor's commit, which is above `x`: all its versions beat the
+  snapshot's rows. This holds for a transaction that was already open, whose change LSNs lie below `x`.
+- A transaction that committed before `x` was read has all its versions below the end of its commit record,
+  so at most `x`: the snapshot's rows, which include its effect, win or tie with an older state.
+- A transaction that committed between `x` and the snapshot is visible, but may version above `x`: its (older)
+  change may briefly overwrite the snapshot's row, and every later change of that row follows in the stream. The
+  stores converge; versioning low is always safe, versioning high never is.
+No snapshot waits for open transactions, so an `idle in transaction` session cannot stall one.
+
+Debezium's own snapshot rows (`op = r`) carry the snapshot's position as `source.lsn`; they are versioned one
+below it, below every change committed after the snapshot.
+
+Limits: a version is a 63-bit integer (Elasticsearch's `long`), so LSNs up to 2**63 (8 EiB of WAL). After a
+restore into a new cluster LSNs start lower, and every write is refused as stale until the stores are rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+
+# The row the anchor writes: Debezium's own heartbeat row, so the anchor looks like one more heartbeat.
+ANCHOR_SQL = "INSERT INTO ops.heartbeat (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
+MAX_VERSION = 2**63 - 1
+
+
+def last_commit_lsn(sequence: Any) -> int | None:
+    """`lastCommitLsn` from Debezium's `source.sequence` (a JSON array of two LSN strings, either may be null);
+    None when the field is absent or not in that shape."""
+    if not isinstance(sequence, str):
+        return None
+    try:
+        parsed = json.loads(sequence)
+    except ValueError:
+        return None
+    if not isinstance(parsed, list) or len(parsed) != 2 or not isinstance(parsed[0], str | int):
+        return None
+    try:
+        value = int(parsed[0])
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def stream_version(op: str, lsn: int, sequence: Any) -> int:
+    """The version of a streamed change (see the module's argument). A snapshot read (`r`) versions one below the
+    snapshot's position; an event without a usable `sequence` falls back to its own LSN."""
+    if op == "r":
+        return max(lsn - 1, 1)
+    last_commit = last_commit_lsn(sequence)
+    return lsn if last_commit is None else max(last_commit, lsn)
+
+
+def anchor_position(conn: psycopg.Connection) -> int:
+    """Commit the anchor on `conn` (autocommit off, no transaction open) and return the version a snapshot taken
+    after it may give its rows."""
+    with conn.transaction():
+        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+        conn.execute(ANCHOR_SQL)
+    assert row is not None
+    return int(row[0])
