@@ -14,7 +14,7 @@ from typing import Any
 from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.transform import decimal_text, exact_decimal, format_timestamp
-from knowton_pipeline.lib.versions import MAX_VERSION, stream_version
+from knowton_pipeline.lib.versions import MAX_VERSION, sequence_position, stream_version
 
 OPS = ("c", "u", "d", "r", "t")
 _MISSING: Any = object()
@@ -428,6 +428,9 @@ def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEv
     if not isinstance(source, dict):
         raise MalformedEventError(f"{topic}: source must be an object, got {_json_type(source)}")
     lsn = source.get("lsn")
+    if lsn is None and op == "r":
+        # An incremental snapshot's row has no LSN of its own: it is emitted at the position in `sequence`.
+        lsn = sequence_position(source.get("sequence"))
     if type(lsn) is not int or lsn <= 0:
         got = "a non-positive integer" if type(lsn) is int else _json_type(lsn)
         raise MalformedEventError(f"{topic}: source.lsn must be a positive integer, got {got}")

@@ -32,8 +32,12 @@ table, and commits; only then is the REPEATABLE READ snapshot taken. Its rows ar
   stores converge; versioning low is always safe, versioning high never is.
 No snapshot waits for open transactions, so an `idle in transaction` session cannot stall one.
 
-Debezium's own snapshot rows (`op = r`) carry the snapshot's position as `source.lsn`; they are versioned one
-below it, below every change committed after the snapshot.
+Debezium's own snapshot rows (`op = r`) are versioned one below the snapshot's position, so below every change
+committed after it. An initial snapshot gives that position as `source.lsn` (the slot's consistent point, which
+waited for open transactions). An incremental snapshot (a signal in `ops.debezium_signal`) has no `source.lsn`:
+its rows are emitted at the close of their chunk's window, at the position in `sequence`, the end of the
+window's closing commit. A change committed after that commit streams after it, so its `lastCommitLsn` is at
+least that position; one committed inside the window drops the row from the chunk (Debezium's own DBLog rule).
 
 Limits: a version is a 63-bit integer (Elasticsearch's `long`), so LSNs up to 2**63 (8 EiB of WAL). After a
 restore into a new cluster LSNs start lower, and every write is refused as stale until the stores are rebuilt.
@@ -51,22 +55,39 @@ ANCHOR_SQL = "INSERT INTO ops.heartbeat (id, ts) VALUES (1, now()) ON CONFLICT (
 MAX_VERSION = 2**63 - 1
 
 
-def last_commit_lsn(sequence: Any) -> int | None:
-    """`lastCommitLsn` from Debezium's `source.sequence` (a JSON array of two LSN strings, either may be null);
-    None when the field is absent or not in that shape."""
+def _sequence(sequence: Any) -> tuple[int | None, int | None]:
+    """(lastCommitLsn, lsn) from Debezium's `source.sequence`, a JSON array of two LSN strings either of which
+    may be null; a part that is absent or not a positive integer is None."""
     if not isinstance(sequence, str):
-        return None
+        return None, None
     try:
         parsed = json.loads(sequence)
-    except ValueError:
-        return None
-    if not isinstance(parsed, list) or len(parsed) != 2 or not isinstance(parsed[0], str | int):
-        return None
-    try:
-        value = int(parsed[0])
-    except ValueError:
-        return None
-    return value if value > 0 else None
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(parsed, list) or len(parsed) != 2:
+        return None, None
+
+    def position(part: Any) -> int | None:
+        if isinstance(part, bool) or not isinstance(part, str | int):
+            return None
+        try:
+            value = int(part)
+        except ValueError:
+            return None
+        return value if 0 < value <= MAX_VERSION else None
+
+    return position(parsed[0]), position(parsed[1])
+
+
+def last_commit_lsn(sequence: Any) -> int | None:
+    """`lastCommitLsn` from Debezium's `source.sequence`; None when absent or not in shape."""
+    return _sequence(sequence)[0]
+
+
+def sequence_position(sequence: Any) -> int | None:
+    """The highest position `source.sequence` names: where an incremental snapshot's row was emitted."""
+    parts = [p for p in _sequence(sequence) if p is not None]
+    return max(parts) if parts else None
 
 
 def stream_version(op: str, lsn: int, sequence: Any) -> int:

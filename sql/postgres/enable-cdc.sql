@@ -31,6 +31,8 @@ GRANT USAGE ON SCHEMA public, ops TO knowton_cdc;
 GRANT SELECT ON public."User", public."Content", public."Purchase" TO knowton_cdc;
 -- Debezium's heartbeat.action.query upserts into ops.heartbeat as knowton_cdc.
 GRANT SELECT, INSERT, UPDATE ON ops.heartbeat TO knowton_cdc;
+-- Incremental snapshots: Debezium writes its window watermarks into the signalling table.
+GRANT SELECT, INSERT, UPDATE, DELETE ON ops.debezium_signal TO knowton_cdc;
 
 -- FULL puts the whole old row into UPDATE and DELETE events, so the sinks and the DLQ replay never
 -- need to look a deleted row up in PostgreSQL.
@@ -38,17 +40,19 @@ ALTER TABLE public."User" REPLICA IDENTITY FULL;
 ALTER TABLE public."Content" REPLICA IDENTITY FULL;
 ALTER TABLE public."Purchase" REPLICA IDENTITY FULL;
 ALTER TABLE ops.heartbeat REPLICA IDENTITY FULL;
+ALTER TABLE ops.debezium_signal REPLICA IDENTITY FULL;
 
 -- SET TABLE on re-apply makes the publication converge to exactly this list, dropping strays.
--- The heartbeat table is published so its upserts move the slot even when the synced tables are idle.
+-- The heartbeat table is published so its upserts move the slot even when the synced tables are idle; the
+-- signalling table so Debezium reads signals and its snapshot watermarks in line with the changes.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'knowton_cdc_publication') THEN
         CREATE PUBLICATION knowton_cdc_publication
-            FOR TABLE public."User", public."Content", public."Purchase", ops.heartbeat;
+            FOR TABLE public."User", public."Content", public."Purchase", ops.heartbeat, ops.debezium_signal;
     ELSE
         ALTER PUBLICATION knowton_cdc_publication
-            SET TABLE public."User", public."Content", public."Purchase", ops.heartbeat;
+            SET TABLE public."User", public."Content", public."Purchase", ops.heartbeat, ops.debezium_signal;
         ALTER PUBLICATION knowton_cdc_publication
             SET (publish = 'insert, update, delete, truncate');
     END IF;

@@ -115,7 +115,7 @@ def clickhouse_error_name(exc: BaseException) -> str | None:
 
 
 def clickhouse_fault(exc: BaseException) -> str:
-    """"row" when `exc` is about the values of the rows sent, "store" when the store refuses the write as such."""
+    """Whether `exc` is about the values of the rows sent ("row") or the store refuses the write as such ("store")."""
     if isinstance(exc, _CLIENT_VALUE_ERRORS):
         return "row"
     if isinstance(exc, ch_errors.DatabaseError) and clickhouse_error_name(exc) in CLICKHOUSE_ROW_ERRORS:
@@ -222,7 +222,7 @@ ELASTICSEARCH_DOCUMENT_ERRORS = frozenset(
 
 
 def elasticsearch_fault(status: int, error_type: str | None) -> str:
-    """"stale" for a version conflict, "document" for an error about that document, "store" otherwise."""
+    """A version conflict is "stale", an error about that document "document", anything else "store"."""
     if status == 409:
         return "stale"
     if status < 500 and error_type in ELASTICSEARCH_DOCUMENT_ERRORS:
