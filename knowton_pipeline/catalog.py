@@ -5,6 +5,7 @@ Asset specs, topics, DDL checks and (later) transforms and reconciliation are de
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 TOPIC_PREFIX = "cdc-"
@@ -43,6 +44,40 @@ class Column:
 
 
 @dataclass(frozen=True)
+class DerivedField:
+    """A search-document field computed from other tables (the creator's username, the sales count).
+
+    `sql` is the one definition: a PostgreSQL expression for one row of the table, used by the writer's
+    enrichment re-read and by the reconciliation's canonical row alike. In it `{row}` is that row's alias,
+    `{Name}` for a table named in `sources` is that table, and any other `{name}` is the quoted identifier
+    `name` (a column). Constants belong to the definition and are written in it.
+    """
+
+    name: str  # in the document, and in the enriched rows ("creator_username")
+    type: str  # one of COLUMN_TYPES
+    nullable: bool
+    sources: tuple[str, ...]  # the tables it is computed from
+    sql: str
+    scale: int | None = None
+
+    def __post_init__(self) -> None:
+        if snake(self.name) != self.name:
+            raise ValueError(f"derived field {self.name}: a document field name is snake_case")
+        placeholders = {f for _, f, _, _ in string.Formatter().parse(self.sql) if f is not None}
+        if "row" not in placeholders:
+            raise ValueError(f"derived field {self.name}: its SQL never refers to the row ({{row}})")
+        unused = set(self.sources) - placeholders
+        if unused:
+            raise ValueError(f"derived field {self.name}: sources {sorted(unused)} are not used in its SQL")
+        _ = self.column  # a Column checks the type and the scale
+
+    @property
+    def column(self) -> Column:
+        """The field as a column of the document: what canonical spelling and reading back go by."""
+        return Column(self.name, self.type, nullable=self.nullable, scale=self.scale)
+
+
+@dataclass(frozen=True)
 class SyncedTable:
     name: str  # the PostgreSQL table, as Debezium and the seed name it ("User")
     key: tuple[str, ...]
@@ -55,6 +90,16 @@ class SyncedTable:
     updated_at: str | None = "updatedAt"
     # Aggregates (ClickHouse tables) computed from this table's mirror.
     feeds: tuple[str, ...] = ()
+    # Fields its search document adds from other tables; not in the mirror.
+    derived: tuple[DerivedField, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.derived and self.elasticsearch_index is None:
+            raise ValueError(f"{self.name}: derived fields need a search index to live in")
+        taken = {c.target_name for c in self.columns}
+        clashes = sorted(taken.intersection(f.name for f in self.derived))
+        if clashes:
+            raise ValueError(f"{self.name}: derived fields {clashes} clash with column names")
 
     def column(self, name: str) -> Column:
         for c in self.columns:
@@ -112,6 +157,27 @@ TABLES: tuple[SyncedTable, ...] = (
         elasticsearch_index="knowton-contents",
         description="Published and draft content items with their price and creator.",
         feeds=("user_activity", "content_sales_daily"),
+        derived=(
+            # NULL when the creator has no User row (the foreign key forbids it; the definition does not rely on it).
+            DerivedField(
+                name="creator_username",
+                type="text",
+                nullable=True,
+                sources=("User",),
+                sql="(SELECT u.{username} FROM {User} AS u WHERE u.{address} = {row}.{creator})",
+            ),
+            # Served by the partial index "Purchase_completed_contentId_idx" (an index-only count per row).
+            DerivedField(
+                name="sales_count",
+                type="bigint",
+                nullable=False,
+                sources=("Purchase",),
+                sql=(
+                    "(SELECT count(*) FROM {Purchase} AS p "
+                    "WHERE p.{contentId} = {row}.{id} AND p.{status} = 'completed')"
+                ),
+            ),
+        ),
     ),
     SyncedTable(
         name="Purchase",

@@ -4,7 +4,9 @@ A row's canonical string is spelled identically by PostgreSQL SQL, by ClickHouse
 (over a row or an Elasticsearch `_source`), all derived from the catalog; per key segment each store returns the
 row count and the sum of `row_hash` over its rows, so only mismatching segments need to travel.
 
-The canonical string: the table's catalog columns in catalog order, joined by a tab. Each field:
+The canonical string: the table's catalog columns in catalog order, joined by a tab; for a search document, its
+columns then its derived fields (`SyncedTable.derived`, in declaration order), which PostgreSQL computes by the
+catalog's definition, Python takes from the enrichment and Elasticsearch reads from `_source`. Each field:
 
 - SQL NULL: `\\N`. A field that cannot be a column value (only from a hand-edited `_source`): `\\!`.
 - text: the UTF-8 text with backslash written `\\\\` and tab written `\\t`, so no field holds a raw tab and the text
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json.encoder
 import math
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +43,8 @@ import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from psycopg import sql
 
-from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, Column, SyncedTable
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, Column, DerivedField, SyncedTable
+from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.transform import (
     CLICKHOUSE_DELETED_COLUMN,
     ES_DELETED_FIELD,
@@ -56,8 +60,8 @@ INVALID = "\\!"
 HASH_BITS = 60
 HASH_MASK = (1 << HASH_BITS) - 1
 
-# Which columns a canonical row covers: a mirror holds every catalog column, a search document only the columns
-# marked `in_elasticsearch`. PostgreSQL spells either, to compare with either target.
+# Which columns a canonical row covers: a mirror holds every catalog column, a search document the columns
+# marked `in_elasticsearch` and its derived fields. PostgreSQL spells either, to compare with either target.
 Target = Literal["clickhouse", "elasticsearch"]
 
 _encode_json_string: Callable[[str], str] = json.encoder.encode_basestring
@@ -342,15 +346,24 @@ class _Field:
     es_read: Callable[[Any], Any]
     # None in a NOT NULL jsonb column is the JSON value null, as in the transform.
     none_is_json_null: bool
+    derived: DerivedField | None = None  # computed from other tables, not a column of the row
 
 
 @dataclass(frozen=True)
 class _Plan:
     table: SyncedTable
     target: Target
-    fields: tuple[_Field, ...]
-    names: tuple[str, ...]  # PostgreSQL column names, in order
+    fields: tuple[_Field, ...]  # the row's columns, then the derived fields
+    columns: tuple[_Field, ...]
+    derived: tuple[_Field, ...]
+    names: tuple[str, ...]  # PostgreSQL column names (derived: document names), in order
     targets: tuple[str, ...]  # ClickHouse / Elasticsearch names, in order
+
+
+def _field(column: Column, derived: DerivedField | None = None) -> _Field:
+    return _Field(
+        column, _python_spelling(column), _es_reader(column), column.type == "jsonb" and not column.nullable, derived
+    )
 
 
 _PLANS: dict[tuple[int, str], _Plan] = {}
@@ -363,14 +376,18 @@ def _plan(table: SyncedTable, target: Target = "clickhouse") -> _Plan:
         return plan
     if target not in ("clickhouse", "elasticsearch"):
         raise ValueError(f"target must be 'clickhouse' or 'elasticsearch', got {target!r}")
-    columns = [c for c in table.columns if target == "clickhouse" or c.in_elasticsearch]
-    fields = tuple(_Field(c, _python_spelling(c), _es_reader(c), c.type == "jsonb" and not c.nullable) for c in columns)
+    columns = tuple(_field(c) for c in table.columns if target == "clickhouse" or c.in_elasticsearch)
+    # Mirrors hold only the table's own columns; a search document also shows what it derives from other tables.
+    derived = tuple(_field(d.column, d) for d in table.derived) if target == "elasticsearch" else ()
+    fields = (*columns, *derived)
     plan = _Plan(
         table=table,
         target=target,
         fields=fields,
-        names=tuple(c.name for c in columns),
-        targets=tuple(c.target_name for c in columns),
+        columns=columns,
+        derived=derived,
+        names=tuple(f.column.name for f in fields),
+        targets=tuple(f.column.target_name for f in fields),
     )
     _PLANS[(id(table), target)] = plan
     return plan
@@ -387,22 +404,39 @@ def _spell(field: _Field, value: Any) -> str:
 
 
 def column_names(table: SyncedTable, target: Target = "clickhouse") -> list[str]:
-    """The PostgreSQL names of the columns a canonical string holds, in its order."""
-    return [f.column.name for f in _plan(table, target).fields]
+    """The PostgreSQL names of the columns a canonical string holds, in its order (then the derived fields'
+    document names, for a search document)."""
+    return list(_plan(table, target).names)
 
 
-def canonical_from_row(table: SyncedTable, row: Mapping[str, Any], *, target: Target = "clickhouse") -> str:
+def derived_fields(table: SyncedTable, target: Target = "elasticsearch") -> tuple[DerivedField, ...]:
+    """The derived fields a canonical row of `table` for `target` holds, in its order (none for a mirror)."""
+    return tuple(f.derived for f in _plan(table, target).derived if f.derived is not None)
+
+
+def canonical_from_row(
+    table: SyncedTable,
+    row: Mapping[str, Any],
+    *,
+    target: Target = "clickhouse",
+    enrichment: Mapping[str, Any] | None = None,
+) -> str:
     """The canonical string of a row keyed by PostgreSQL column name, Python-typed as psycopg or
-    `debezium.decode_row` give it. Raises KeyError for a missing column, TypeError/ValueError for a value of the
-    wrong type (a bug upstream, not drift)."""
+    `debezium.decode_row` give it. For a search document, the derived fields come from `enrichment` (as
+    `to_es_document` takes it), or from `row` itself when it is an enriched row. Raises KeyError for a missing
+    column or derived field, TypeError/ValueError for a value of the wrong type (a bug upstream, not drift)."""
     plan = _plan(table, target)
+    extra = row if enrichment is None else enrichment
     try:
-        return SEPARATOR.join([_spell(f, row[f.column.name]) for f in plan.fields])
+        spelled = [_spell(f, row[f.column.name]) for f in plan.columns]
+        if plan.derived:
+            spelled += [_spell(f, extra[f.column.name]) for f in plan.derived]
+        return SEPARATOR.join(spelled)
     except (TypeError, ValueError) as exc:
         # Find the column to name it; the message never holds the value (rows hold personal data).
         for f in plan.fields:
             try:
-                _spell(f, row[f.column.name])
+                _spell(f, (extra if f.derived else row)[f.column.name])
             except (TypeError, ValueError) as column_exc:
                 raise type(exc)(f"{table.name}.{f.column.name}: {column_exc}") from None
         raise
@@ -410,10 +444,21 @@ def canonical_from_row(table: SyncedTable, row: Mapping[str, Any], *, target: Ta
 
 def row_from_es_source(table: SyncedTable, source: Mapping[str, Any]) -> dict[str, Any]:
     """The row an Elasticsearch `_source` holds, keyed by PostgreSQL column name and Python-typed like a psycopg
-    row: the inverse of `to_es_document` for the column fields (metadata and enrichment fields are ignored).
-    Raises ValueError for a missing field or a value `to_es_document` cannot have written."""
+    row: the inverse of `to_es_document` for the column fields (metadata and derived fields are ignored; see
+    `enrichment_from_es_source`). Raises ValueError for a missing field or a value `to_es_document` cannot have
+    written."""
+    return _read_es_fields(table, source, _plan(table, "elasticsearch").columns)
+
+
+def enrichment_from_es_source(table: SyncedTable, source: Mapping[str, Any]) -> dict[str, Any]:
+    """The derived fields an Elasticsearch `_source` holds, Python-typed as the enriched query returns them
+    (the `enrichment` of `to_es_document` and `canonical_from_row`). Raises ValueError as `row_from_es_source`."""
+    return _read_es_fields(table, source, _plan(table, "elasticsearch").derived)
+
+
+def _read_es_fields(table: SyncedTable, source: Mapping[str, Any], fields: Iterable[_Field]) -> dict[str, Any]:
     row: dict[str, Any] = {}
-    for field in _plan(table, "elasticsearch").fields:
+    for field in fields:
         column = field.column
         if column.target_name not in source:
             raise ValueError(f"{table.name}.{column.name}: field {column.target_name!r} missing from the document")
@@ -446,8 +491,8 @@ def _es_field(field: _Field, source: Mapping[str, Any]) -> str:
 
 
 def canonical_from_es_source(table: SyncedTable, source: Mapping[str, Any]) -> str:
-    """The canonical string of an Elasticsearch `_source` (columns marked `in_elasticsearch`). Never raises for a
-    bad value: a field `to_es_document` cannot have written (hand-edited, missing) is `\\!`, so the document
+    """The canonical string of an Elasticsearch `_source` (columns marked `in_elasticsearch`, then the derived
+    fields). Never raises for a bad value: a field `to_es_document` cannot have written (hand-edited, missing) is `\\!`, so the document
     shows as different instead of aborting its segment."""
     return SEPARATOR.join([_es_field(f, source) for f in _plan(table, "elasticsearch").fields])
 
@@ -591,16 +636,49 @@ def clickhouse_key_range(table: SyncedTable, lower_bound: bool, upper_bound: boo
 # PostgreSQL
 
 
-def postgres_canonical_sql(table: SyncedTable, alias: str = "t", *, target: Target = "clickhouse") -> sql.Composed:
-    """An expression for the canonical string of the row `alias` (a row of `table`, or of a table shaped like it)."""
-    fields = [_postgres_spelling(f.column)(sql.Identifier(alias, f.column.name)) for f in _plan(table, target).fields]
+# Relations standing in for the tables derived fields are computed from, by table name (scratch copies in tests).
+Sources = Mapping[str, sql.Composable]
+
+
+def postgres_derived_sql(field: DerivedField, alias: str = "t", *, sources: Sources | None = None) -> sql.Composed:
+    """The catalog's definition of `field` as an expression for the row `alias`: `{row}` becomes the alias, a
+    source table's name the table (or its stand-in from `sources`), any other name a quoted identifier."""
+    values: dict[str, sql.Composable] = {}
+    for _, name, _, _ in string.Formatter().parse(field.sql):
+        if name is None or name in values:
+            continue
+        if name == "row":
+            values[name] = sql.Identifier(alias)
+        elif name in field.sources:
+            source = catalog_table(name)
+            values[name] = (sources or {}).get(name) or sql.Identifier(source.schema, source.name)
+        else:
+            values[name] = sql.Identifier(name)
+    return sql.SQL(field.sql).format(**values)
+
+
+def postgres_canonical_sql(
+    table: SyncedTable, alias: str = "t", *, target: Target = "clickhouse", sources: Sources | None = None
+) -> sql.Composed:
+    """An expression for the canonical string of the row `alias` (a row of `table`, or of a table shaped like it).
+    For a search document the derived fields are computed from their source tables by the catalog's definition."""
+    fields = [
+        _postgres_spelling(f.column)(
+            sql.Identifier(alias, f.column.name)
+            if f.derived is None
+            else postgres_derived_sql(f.derived, alias, sources=sources)
+        )
+        for f in _plan(table, target).fields
+    ]
     return sql.Composed([sql.SQL("("), _PG_SEPARATOR.join(fields), sql.SQL(")")])
 
 
-def postgres_hash_sql(table: SyncedTable, alias: str = "t", *, target: Target = "clickhouse") -> sql.Composed:
+def postgres_hash_sql(
+    table: SyncedTable, alias: str = "t", *, target: Target = "clickhouse", sources: Sources | None = None
+) -> sql.Composed:
     """An expression for `row_hash` of the row `alias`, as bigint."""
     return sql.SQL("('x' || right(md5({}), 15))::bit(60)::bigint").format(
-        postgres_canonical_sql(table, alias, target=target)
+        postgres_canonical_sql(table, alias, target=target, sources=sources)
     )
 
 
@@ -613,15 +691,17 @@ def postgres_segment_checksum_sql(
     *,
     relation: sql.Composable | None = None,
     target: Target = "clickhouse",
+    sources: Sources | None = None,
     lower_bound: bool = True,
     upper_bound: bool = True,
 ) -> sql.Composed:
     """`SELECT row_count, checksum` (count and numeric sum of `row_hash`) over the rows whose key is in
-    [%(lo_0)s, %(hi_0)s); parameters from `segment_parameters`. `relation` replaces the table (a scratch copy)."""
+    [%(lo_0)s, %(hi_0)s); parameters from `segment_parameters`. `relation` replaces the table (a scratch copy),
+    `sources` the tables derived fields come from."""
     return sql.SQL(
         "SELECT count(*) AS row_count, coalesce(sum({hash}), 0) AS checksum FROM {rel} AS t WHERE {range}"
     ).format(
-        hash=postgres_hash_sql(table, "t", target=target),
+        hash=postgres_hash_sql(table, "t", target=target, sources=sources),
         rel=_relation(table, relation),
         range=postgres_key_range(table, "t", lower_bound, upper_bound),
     )
@@ -632,6 +712,7 @@ def postgres_segment_rows_sql(
     *,
     relation: sql.Composable | None = None,
     target: Target = "clickhouse",
+    sources: Sources | None = None,
     lower_bound: bool = True,
     upper_bound: bool = True,
 ) -> sql.Composed:
@@ -644,8 +725,8 @@ def postgres_segment_rows_sql(
         "SELECT {keys}, {canonical} AS canonical, {hash} AS row_hash FROM {rel} AS t WHERE {range} ORDER BY {order}"
     ).format(
         keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in table.key),
-        canonical=postgres_canonical_sql(table, "t", target=target),
-        hash=postgres_hash_sql(table, "t", target=target),
+        canonical=postgres_canonical_sql(table, "t", target=target, sources=sources),
+        hash=postgres_hash_sql(table, "t", target=target, sources=sources),
         rel=_relation(table, relation),
         range=postgres_key_range(table, "t", lower_bound, upper_bound),
         order=sql.SQL(", ").join(keys),
@@ -660,10 +741,16 @@ def postgres_segment_checksum(
     *,
     relation: sql.Composable | None = None,
     target: Target = "clickhouse",
+    sources: Sources | None = None,
 ) -> tuple[int, int]:
     """(count, sum of row_hash) of the rows with key in [lo, hi), computed inside PostgreSQL."""
     query = postgres_segment_checksum_sql(
-        table, relation=relation, target=target, lower_bound=lo is not None, upper_bound=hi is not None
+        table,
+        relation=relation,
+        target=target,
+        sources=sources,
+        lower_bound=lo is not None,
+        upper_bound=hi is not None,
     )
     row = conn.execute(query, segment_parameters(table, lo, hi)).fetchone()
     assert row is not None

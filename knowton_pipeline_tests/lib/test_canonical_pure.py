@@ -27,7 +27,11 @@ from knowton_pipeline.lib.canonical import (
     canonical_json_value,
     clickhouse_segment_checksum_sql,
     clickhouse_segment_rows_sql,
+    column_names,
+    enrichment_from_es_source,
+    es_hash_fields,
     es_segment_query,
+    es_source_fields,
     json_number,
     postgres_segment_checksum_sql,
     python_segment_checksum,
@@ -40,6 +44,7 @@ from knowton_pipeline.lib.transform import canonical_json, to_es_document
 from knowton_pipeline_tests.lib.test_debezium import (
     FIXED_ROWS,
     NASTY_TEXT,
+    column_values,
     decimals,
     json_values,
     rows,
@@ -51,6 +56,19 @@ USER, CONTENT, PURCHASE = table("User"), table("Content"), table("Purchase")
 INDEXED_TABLES = [t for t in TABLES if t.elasticsearch_index]
 INDEXED_AT = datetime(2026, 11, 24, 5, 5, 33, tzinfo=UTC)
 FINITE_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+
+
+# What the enriched query could return for the derived fields; their spelling does not depend on plausibility.
+CONTENT_ENRICHMENT = {"creator_username": "creator name", "sales_count": 12}
+
+
+def enrichments(synced: SyncedTable) -> st.SearchStrategy[dict[str, Any]]:
+    """Values of `synced`'s derived fields, by their declared type and nullability."""
+    return st.fixed_dictionaries({f.name: column_values(f.column) for f in synced.derived})
+
+
+def documents(synced: SyncedTable) -> st.SearchStrategy[tuple[SyncedTable, dict, dict]]:
+    return st.tuples(st.just(synced), rows(synced), enrichments(synced))
 
 
 def fields(synced: SyncedTable, row: dict[str, Any]) -> dict[str, str]:
@@ -293,27 +311,70 @@ def test_json_strings_are_escaped_as_jsonb_prints_them() -> None:
 # Elasticsearch _source
 
 
-@given(st.sampled_from(INDEXED_TABLES).flatmap(lambda t: st.tuples(st.just(t), rows(t))))
-def test_a_search_document_reads_back_to_the_row_it_was_written_from(table_and_row: tuple[SyncedTable, dict]) -> None:
-    synced, row = table_and_row
-    source = json.loads(json.dumps(to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT)))
-    expected = canonical_from_row(synced, row, target="elasticsearch")
+@given(st.sampled_from(INDEXED_TABLES).flatmap(documents))
+def test_a_search_document_reads_back_to_the_row_it_was_written_from(document: tuple[SyncedTable, dict, dict]) -> None:
+    synced, row, enrichment = document
+    written = to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT, enrichment=enrichment)
+    source = json.loads(json.dumps(written))
+    expected = canonical_from_row(synced, row, target="elasticsearch", enrichment=enrichment)
     assert canonical_from_es_source(synced, source) == expected
-    assert canonical_from_row(synced, row_from_es_source(synced, source), target="elasticsearch") == expected
+    read_back = canonical_from_row(
+        synced,
+        row_from_es_source(synced, source),
+        target="elasticsearch",
+        enrichment=enrichment_from_es_source(synced, source),
+    )
+    assert read_back == expected
+    # An enriched row (as the enriched query returns it) carries its derived fields itself.
+    assert canonical_from_row(synced, {**row, **enrichment}, target="elasticsearch") == expected
 
 
-def test_enrichment_and_bookkeeping_fields_are_not_part_of_the_canonical_row() -> None:
+@given(documents(CONTENT), enrichments(CONTENT))
+def test_derived_fields_are_spelled_alike_by_python_and_from_the_document_and_told_apart(
+    document: tuple[SyncedTable, dict, dict], other: dict[str, Any]
+) -> None:
+    _, row, enrichment = document
+    names = column_names(CONTENT, "elasticsearch")
+    assert names[-len(CONTENT.derived) :] == [f.name for f in CONTENT.derived]
+    source = json.loads(json.dumps(to_es_document(CONTENT, row, version=1, deleted=False, indexed_at=INDEXED_AT)))
+    python = canonical_from_row(CONTENT, row, target="elasticsearch", enrichment=other).split(SEPARATOR)
+    from_es = canonical_from_es_source(CONTENT, {**source, **other}).split(SEPARATOR)
+    assert python == from_es
+    # Two enrichments spell alike exactly when they are equal (NULL, '' and '\N' usernames are three values).
+    mine = canonical_from_row(CONTENT, row, target="elasticsearch", enrichment=enrichment).split(SEPARATOR)
+    differing = [n for n, a, b in zip(names, mine, python, strict=True) if a != b]
+    assert differing == [f.name for f in CONTENT.derived if enrichment[f.name] != other[f.name]]
+
+
+def test_bookkeeping_fields_are_not_part_of_the_canonical_row_but_derived_fields_are() -> None:
     row = FIXED_ROWS["Content"]
-    plain = to_es_document(CONTENT, row, version=1, deleted=False, indexed_at=INDEXED_AT)
-    enriched = to_es_document(
+    first = to_es_document(CONTENT, row, version=1, deleted=False, indexed_at=INDEXED_AT, enrichment=CONTENT_ENRICHMENT)
+    later = to_es_document(
         CONTENT,
         row,
         version=99,
         deleted=False,
         indexed_at=INDEXED_AT + timedelta(days=1),
-        enrichment={"creator_username": "someone", "sales_count": 12},
+        enrichment=CONTENT_ENRICHMENT,
     )
-    assert canonical_from_es_source(CONTENT, {**enriched, "row_hash": "x"}) == canonical_from_es_source(CONTENT, plain)
+    assert canonical_from_es_source(CONTENT, {**later, "row_hash": "x"}) == canonical_from_es_source(CONTENT, first)
+    sold = canonical_from_es_source(CONTENT, {**first, "sales_count": 13})
+    renamed = canonical_from_es_source(CONTENT, {**first, "creator_username": "someone else"})
+    assert len({sold, renamed, canonical_from_es_source(CONTENT, first)}) == 3
+    # The writer's stored hash covers them too, so the fast mode sees a document written with a stale enrichment.
+    assert es_hash_fields(CONTENT, first) != es_hash_fields(CONTENT, {**first, "sales_count": 13})
+    assert {"creator_username", "sales_count"} <= set(es_source_fields(CONTENT))
+    # A mirror holds only the table's own columns.
+    assert canonical_from_row(CONTENT, row) == SEPARATOR.join(
+        canonical_from_es_source(CONTENT, first).split(SEPARATOR)[: len(CONTENT.columns)]
+    )
+
+
+def test_a_document_written_without_its_derived_fields_is_invalid_in_them() -> None:
+    plain = to_es_document(CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT)
+    assert canonical_from_es_source(CONTENT, plain).split(SEPARATOR)[-2:] == [INVALID, INVALID]
+    with pytest.raises(KeyError):
+        canonical_from_row(CONTENT, FIXED_ROWS["Content"], target="elasticsearch")
 
 
 @pytest.mark.parametrize(
@@ -327,15 +388,23 @@ def test_enrichment_and_bookkeeping_fields_are_not_part_of_the_canonical_row() -
         ("tags", [1]),
         ("id", "9"),
         ("title", None),
+        ("sales_count", "12"),
+        ("sales_count", None),
+        ("creator_username", 7),
     ],
 )
 def test_a_hand_edited_document_is_spelled_invalid_not_an_error(field: str, value: Any) -> None:
-    source = to_es_document(CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT)
+    source = to_es_document(
+        CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT, enrichment=CONTENT_ENRICHMENT
+    )
     spelled = canonical_from_es_source(CONTENT, {**source, field: value})
-    assert INVALID in spelled.split(SEPARATOR)
-    assert spelled != canonical_from_row(CONTENT, FIXED_ROWS["Content"])
+    assert spelled.split(SEPARATOR).count(INVALID) == 1
+    assert spelled != canonical_from_row(
+        CONTENT, FIXED_ROWS["Content"], target="elasticsearch", enrichment=CONTENT_ENRICHMENT
+    )
+    read = enrichment_from_es_source if field in CONTENT_ENRICHMENT else row_from_es_source
     with pytest.raises(ValueError, match=r"Content\."):
-        row_from_es_source(CONTENT, {**source, field: value})
+        read(CONTENT, {**source, field: value})
 
 
 def test_a_document_missing_a_column_is_invalid_and_a_float_price_is_its_value() -> None:
@@ -380,6 +449,16 @@ def test_segment_queries_take_parameters_and_quote_identifiers() -> None:
     assert "ops.canonical_jsonb" not in pg and 'to_char("t"."createdAt" AT TIME ZONE \'UTC\'' in pg
     open_ended = postgres_segment_checksum_sql(CONTENT, lower_bound=False, upper_bound=False).as_string(None)
     assert open_ended.endswith("WHERE true") and 'ops.canonical_jsonb("t"."metadata")' in open_ended
+
+    # A search document's derived fields are computed by the catalog's definition, identifiers quoted.
+    search = postgres_segment_checksum_sql(CONTENT, target="elasticsearch").as_string(None)
+    assert '(SELECT u."username" FROM "public"."User" AS u WHERE u."address" = "t"."creator")' in search
+    assert 'FROM "public"."Purchase" AS p WHERE p."contentId" = "t"."id"' in search
+    assert '"Purchase"' not in open_ended and '"User"' not in open_ended
+    stand_in = postgres_segment_checksum_sql(
+        CONTENT, target="elasticsearch", sources={"User": sql.Identifier("ops", "scratch_user")}
+    ).as_string(None)
+    assert 'FROM "ops"."scratch_user" AS u' in stand_in and '"public"."User"' not in stand_in
 
     ch = clickhouse_segment_checksum_sql(CONTENT, database="scratch")
     assert "FROM `scratch`.`contents` FINAL WHERE `is_deleted` = 0" in ch

@@ -1,7 +1,8 @@
 """Canonical rows agree across the real stores: nasty rows written to a scratch PostgreSQL table, a scratch copy of the
 ClickHouse mirrors (through `to_clickhouse_row`) and a scratch Elasticsearch index under the real strict template
 (through `to_es_document`) have the same canonical string, hash and segment checksums in PostgreSQL SQL, ClickHouse
-SQL and Python.
+SQL and Python. A search document's derived fields are computed by PostgreSQL from scratch copies of their source
+tables, by the catalog's definition, and spelled alike from the enrichment and from `_source`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from knowton_pipeline.lib.canonical import (
     canonical_json_value,
     clickhouse_segment_checksum,
     clickhouse_segment_rows_sql,
+    enrichment_from_es_source,
     es_segment_query,
     es_source_fields,
     key_of,
     key_of_source,
+    postgres_derived_sql,
     postgres_segment_checksum,
     postgres_segment_rows_sql,
     python_segment_checksum,
@@ -100,6 +103,9 @@ class Scratch:
     ch_database: str
     pg_tables: dict[str, sql.Identifier]
     es_indices: dict[str, str]
+    # Stand-ins for the tables derived fields are computed from (apart from pg_tables: their rows are drawn
+    # to match the batch's rows).
+    sources: dict[str, sql.Identifier] = field(default_factory=dict)
     es_ids: dict[str, set[str]] = field(default_factory=dict)  # written by the last example, per table
 
     def relation(self, synced: SyncedTable) -> sql.Identifier:
@@ -116,7 +122,16 @@ def scratch(stack: Stack, settings: Settings) -> Iterator[Scratch]:
     pg = psycopg.connect(**settings.pg_conninfo(), autocommit=True)  # type: ignore[arg-type]
     pg_tables: dict[str, sql.Identifier] = {}
     es_indices: dict[str, str] = {}
+    sources: dict[str, sql.Identifier] = {}
     try:
+        for name in sorted({s for t in CDC_TABLES for f in t.derived for s in f.sources}):
+            source = table(name)
+            sources[name] = sql.Identifier("ops", f"canon_src_{name.lower()}_{run}")
+            pg.execute(
+                sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
+                    sources[name], sql.Identifier(source.schema, source.name)
+                )
+            )
         for synced in CDC_TABLES:
             name = sql.Identifier("ops", f"canon_{synced.name.lower()}_{run}")
             # LIKE copies NOT NULL and defaults, not the checks, keys or foreign keys nasty rows would trip.
@@ -130,9 +145,9 @@ def scratch(stack: Stack, settings: Settings) -> Iterator[Scratch]:
                 index = f"{synced.elasticsearch_index}-canon-{run}"
                 es.indices.create(index=index)  # the real template's strict mapping applies
                 es_indices[synced.name] = index
-        yield Scratch(pg, ch, es, ch_database, pg_tables, es_indices)
+        yield Scratch(pg, ch, es, ch_database, pg_tables, es_indices, sources)
     finally:
-        for name in pg_tables.values():
+        for name in [*pg_tables.values(), *sources.values()]:
             pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
         for index in es_indices.values():
             es.indices.delete(index=index, ignore_unavailable=True)
@@ -151,9 +166,69 @@ def test_scratch_index_has_the_strict_search_mapping(scratch: Scratch) -> None:
 # Writing a batch to all three, as the pipeline would
 
 
-def write_everywhere(scratch: Scratch, synced: SyncedTable, live: list[dict[str, Any]], gone: dict[str, Any]) -> None:
+PURCHASE_STATUSES = ("pending", "completed", "refunded", "failed")
+
+
+def write_derived_sources(
+    scratch: Scratch, synced: SyncedTable, live: list[dict[str, Any]], data: st.DataObject
+) -> dict[tuple, dict[str, Any]]:
+    """Scratch source rows for the derived fields of a Content batch: some creators have a User row (with a nasty
+    username), each content a few purchases in any status. Returns the enrichment the definitions must give."""
+    if not synced.derived:
+        return {key_of(synced, r): {} for r in live}
+    assert [f.name for f in synced.derived] == ["creator_username", "sales_count"], "a new derived field: test it"
+    users, purchases = scratch.sources["User"], scratch.sources["Purchase"]
+    scratch.pg.execute(sql.SQL("TRUNCATE {}, {}").format(users, purchases))
+    usernames = {
+        creator: data.draw(NASTY_TEXT, label="username")
+        for creator in sorted({r["creator"] for r in live})
+        if data.draw(st.booleans(), label="has a User row")
+    }
+    statuses = {
+        r["id"]: data.draw(st.lists(st.sampled_from(PURCHASE_STATUSES), max_size=4), label="purchases") for r in live
+    }
+    sold = [(content_id, status) for content_id, drawn in statuses.items() for status in drawn]
+    with scratch.pg.cursor() as cur:
+        cur.executemany(
+            sql.SQL("INSERT INTO {} (address, username) VALUES (%s, %s)").format(users), list(usernames.items())
+        )
+        cur.executemany(
+            sql.SQL(
+                'INSERT INTO {} (id, "contentId", buyer, amount, currency, status) VALUES (%s, %s, %s, 1, %s, %s)'
+            ).format(purchases),
+            [(i, content_id, "0xbuyer", "ETH", status) for i, (content_id, status) in enumerate(sold)],
+        )
+    return {
+        key_of(synced, r): {
+            "creator_username": usernames.get(r["creator"]),
+            "sales_count": statuses[r["id"]].count("completed"),
+        }
+        for r in live
+    }
+
+
+def postgres_enrichment(scratch: Scratch, synced: SyncedTable) -> dict[tuple, dict[str, Any]]:
+    """The derived fields as PostgreSQL computes them by the catalog's definitions, over the scratch sources."""
+    query = sql.SQL("SELECT {keys}, {derived} FROM {rel} AS t").format(
+        keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in synced.key),
+        derived=sql.SQL(", ").join(postgres_derived_sql(f, "t", sources=scratch.sources) for f in synced.derived),
+        rel=scratch.relation(synced),
+    )
+    n = len(synced.key)
+    names = [f.name for f in synced.derived]
+    return {tuple(r[:n]): dict(zip(names, r[n:], strict=True)) for r in scratch.pg.execute(query).fetchall()}
+
+
+def write_everywhere(
+    scratch: Scratch,
+    synced: SyncedTable,
+    live: list[dict[str, Any]],
+    gone: dict[str, Any],
+    enrichment: dict[tuple, dict[str, Any]] | None = None,
+) -> None:
     """`live` rows go to every store. `gone` was synced and then deleted: the mirror holds its old version and its
-    delete, the index its tombstone. The first live row also has an older, different version in the mirror."""
+    delete, the index its tombstone. The first live row also has an older, different version in the mirror. Search
+    documents carry `enrichment`, by key."""
     relation = scratch.relation(synced)
     pg = scratch.pg
     pg.execute(sql.SQL("TRUNCATE {}").format(relation))
@@ -199,7 +274,10 @@ def write_everywhere(scratch: Scratch, synced: SyncedTable, live: list[dict[str,
         operations.append(
             {"index": {"_index": index, "_id": doc_id, "version": version, "version_type": "external_gte"}}
         )
-        operations.append(to_es_document(synced, row, version=version, deleted=deleted, indexed_at=INDEXED_AT))
+        extra = (enrichment or {}).get(key_of(synced, row))
+        operations.append(
+            to_es_document(synced, row, version=version, deleted=deleted, indexed_at=INDEXED_AT, enrichment=extra)
+        )
     # Sent with the client's json serializer: ElasticsearchWriter's orjson refuses jsonb integers beyond 64 bits.
     response = scratch.es.bulk(operations=operations, refresh=True)
     assert not response["errors"], [i for i in response["items"] if next(iter(i.values())).get("error")]
@@ -211,7 +289,12 @@ def write_everywhere(scratch: Scratch, synced: SyncedTable, live: list[dict[str,
 
 def postgres_rows(scratch: Scratch, synced: SyncedTable, target: Target = "clickhouse") -> dict[tuple, tuple[str, int]]:
     query = postgres_segment_rows_sql(
-        synced, relation=scratch.relation(synced), target=target, lower_bound=False, upper_bound=False
+        synced,
+        relation=scratch.relation(synced),
+        target=target,
+        sources=scratch.sources,
+        lower_bound=False,
+        upper_bound=False,
     )
     n = len(synced.key)
     return {tuple(r[:n]): (r[n], r[n + 1]) for r in scratch.pg.execute(query).fetchall()}
@@ -249,7 +332,8 @@ def assert_same(expected: dict[tuple, str], **stores: dict[tuple, str]) -> None:
 
 def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any]], data: st.DataObject) -> None:
     live, gone = batch[:-1], batch[-1]
-    write_everywhere(scratch, synced, live, gone)
+    enrichment = write_derived_sources(scratch, synced, live, data)
+    write_everywhere(scratch, synced, live, gone, enrichment)
 
     python = {key_of(synced, r): canonical_from_row(synced, r) for r in live}
     pg = postgres_rows(scratch, synced)
@@ -265,15 +349,22 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
     assert {k: v[1] for k, v in pg.items()} == hashes
     assert {k: v[1] for k, v in ch.items()} == hashes
 
+    # The search document's canonical rows: its columns and derived fields, as enriched rows hold them.
+    enriched = [{**r, **enrichment[key_of(synced, r)]} for r in live]
     if synced.name in scratch.es_indices:
+        if synced.derived:
+            assert postgres_enrichment(scratch, synced) == enrichment
         sources = es_sources(scratch, synced, es_segment_query(synced))
-        es_python = {key_of(synced, r): canonical_from_row(synced, r, target="elasticsearch") for r in live}
+        es_python = {key_of(synced, r): canonical_from_row(synced, r, target="elasticsearch") for r in enriched}
         assert_same(
             es_python,
             elasticsearch_source={key_of_source(synced, s): canonical_from_es_source(synced, s) for s in sources},
             elasticsearch_row={
                 key_of_source(synced, s): canonical_from_row(
-                    synced, row_from_es_source(synced, s), target="elasticsearch"
+                    synced,
+                    row_from_es_source(synced, s),
+                    target="elasticsearch",
+                    enrichment=enrichment_from_es_source(synced, s),
                 )
                 for s in sources
             },
@@ -295,13 +386,31 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
         )
         assert clickhouse_segment_checksum(scratch.ch, synced, a, b, database=scratch.ch_database) == expected, bounds
         if synced.name in scratch.es_indices:
+            keys_in = {key_of(synced, r) for r in in_segment}
+            expected_es = python_segment_checksum(
+                synced, [r for r in enriched if key_of(synced, r) in keys_in], target="elasticsearch"
+            )
             searched = es_sources(scratch, synced, es_segment_query(synced, a, b))
-            assert python_segment_checksum(synced, searched, es_sources=True) == expected, bounds
+            assert python_segment_checksum(synced, searched, es_sources=True) == expected_es, bounds
+            assert (
+                postgres_segment_checksum(
+                    scratch.pg,
+                    synced,
+                    a,
+                    b,
+                    relation=scratch.relation(synced),
+                    target="elasticsearch",
+                    sources=scratch.sources,
+                )
+                == expected_es
+            ), bounds
     if synced.name in scratch.es_indices:
         # Tombstones come back without the query's filter too; the checksum itself skips them.
         everything = es_sources(scratch, synced)
         assert len(everything) == len(live) + 1
-        assert python_segment_checksum(synced, everything, es_sources=True) == python_segment_checksum(synced, live)
+        assert python_segment_checksum(synced, everything, es_sources=True) == python_segment_checksum(
+            synced, enriched, target="elasticsearch"
+        )
 
 
 @pytest.mark.parametrize("synced", CDC_TABLES, ids=lambda t: t.name)

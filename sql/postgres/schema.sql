@@ -53,6 +53,10 @@ CREATE INDEX IF NOT EXISTS "User_updatedAt_idx" ON public."User" ("updatedAt");
 CREATE INDEX IF NOT EXISTS "Content_creator_idx" ON public."Content" (creator);
 CREATE INDEX IF NOT EXISTS "Content_updatedAt_idx" ON public."Content" ("updatedAt");
 CREATE INDEX IF NOT EXISTS "Purchase_contentId_idx" ON public."Purchase" ("contentId");
+-- A search document's sales_count (catalog.py) counts a content's completed purchases, once per Content row
+-- in every reconciliation against Elasticsearch: this index answers each count by an index-only scan.
+CREATE INDEX IF NOT EXISTS "Purchase_completed_contentId_idx" ON public."Purchase" ("contentId")
+    WHERE status = 'completed';
 CREATE INDEX IF NOT EXISTS "Purchase_buyer_idx" ON public."Purchase" (buyer);
 CREATE INDEX IF NOT EXISTS "Purchase_updatedAt_idx" ON public."Purchase" ("updatedAt");
 
@@ -87,4 +91,13 @@ CREATE SCHEMA IF NOT EXISTS ops;
 CREATE TABLE IF NOT EXISTS ops.heartbeat (
     id integer     PRIMARY KEY,
     ts timestamptz NOT NULL
+);
+
+-- Debezium's signalling table (signal.data.collection): a row with type 'execute-snapshot' asks the connector
+-- for an incremental snapshot of tables or of some of their keys, streamed in line with the changes; the
+-- connector writes its own watermark rows here while it runs one.
+CREATE TABLE IF NOT EXISTS ops.debezium_signal (
+    id   varchar(64) PRIMARY KEY,
+    type varchar(32) NOT NULL,
+    data text
 );

@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from knowton_pipeline.catalog import SyncedTable, table
+from knowton_pipeline.lib.canonical import postgres_derived_sql
 from knowton_pipeline.lib.sync.writers import WriteItem
 
 CONTENT = table("Content")
@@ -29,23 +30,21 @@ def qualified(t: SyncedTable) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name))
 
 
-def enriched_content_query(where: sql.Composable) -> sql.Composed:
-    """Content rows with what the search document adds: the creator's username and the sales count."""
-    return sql.SQL(
-        "SELECT {cols}, u.username AS creator_username, "
-        "(SELECT count(*) FROM {purchase} p WHERE p.{content_id} = t.id AND p.status = 'completed') AS sales_count "
-        "FROM {content} t LEFT JOIN {user} u ON u.address = t.creator WHERE {where}"
-    ).format(
-        cols=select_columns(CONTENT),
-        purchase=qualified(PURCHASE),
-        content_id=sql.Identifier("contentId"),
-        content=qualified(CONTENT),
-        user=qualified(USER),
-        where=where,
+def enriched_query(t: SyncedTable, where: sql.Composable) -> sql.Composed:
+    """Rows of `t` (alias `t` in `where`) with what its search document adds from other tables: each of the
+    catalog's derived fields, computed by its definition, the one the reconciliation's canonical row uses."""
+    derived = [sql.SQL("{} AS {}").format(postgres_derived_sql(f, "t"), sql.Identifier(f.name)) for f in t.derived]
+    return sql.SQL("SELECT {cols} FROM {tbl} t WHERE {where}").format(
+        cols=sql.SQL(", ").join([select_columns(t), *derived]), tbl=qualified(t), where=where
     )
 
 
-ENRICHMENT_FIELDS = ("creator_username", "sales_count")
+def enriched_content_query(where: sql.Composable) -> sql.Composed:
+    """Content rows with what the search document adds: the creator's username and the sales count."""
+    return enriched_query(CONTENT, where)
+
+
+ENRICHMENT_FIELDS = tuple(f.name for f in CONTENT.derived)
 
 
 def split_enrichment(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,9 +98,9 @@ def stream_rows(
 ) -> Iterator[list[dict[str, Any]]]:
     """Rows of `t` matching `where`, in chunks, through a server-side cursor (bounded memory).
 
-    `enriched` adds what the table's search document shows from other tables (Content only)."""
-    if enriched and t.name == "Content":
-        query = enriched_content_query(where)
+    `enriched` adds what the table's search document shows from other tables (its derived fields)."""
+    if enriched and t.derived:
+        query = enriched_query(t, where)
     else:
         query = sql.SQL("SELECT {cols} FROM {tbl} t WHERE {where}").format(
             cols=select_columns(t), tbl=qualified(t), where=where
