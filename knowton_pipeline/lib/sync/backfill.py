@@ -47,19 +47,28 @@ class BackfillStats:
 def backfill_range(
     conn: psycopg.Connection,
     table: SyncedTable,
-    start: datetime,
-    end: datetime,
+    start: datetime | None,
+    end: datetime | None,
     writer: ClickHouseWriter | ElasticsearchWriter,
     *,
     chunk: int = 5000,
     on_progress: Callable[[BackfillStats], None] | None = None,
 ) -> BackfillStats:
-    """Write every row of `table` created in [start, end) to one target, versioned at the snapshot."""
-    if table.created_at is None:
+    """Write every row of `table` created in [start, end) to one target, versioned at the snapshot.
+
+    A bound left None is open: with both None every row is written, whatever its creation time (a full
+    rebuild must not depend on which dates a range can spell)."""
+    if table.created_at is None and (start is not None or end is not None):
         raise ValueError(f"{table.name} has no creation-time column to backfill by")
     stats = BackfillStats()
     t0 = time.monotonic()
-    where = sql.SQL("t.{created} >= %s AND t.{created} < %s").format(created=sql.Identifier(table.created_at))
+    conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[datetime] = []
+    for op, bound in ((">=", start), ("<", end)):
+        if bound is not None:
+            conditions.append(sql.SQL("t.{} {} %s").format(sql.Identifier(table.created_at or ""), sql.SQL(op)))
+            params.append(bound)
+    where = sql.SQL(" AND ").join(conditions)
     enriched = writer.enriched_rows
     # Reading and transforming run on a second thread, one chunk ahead of the writes: the store's
     # round trips and PostgreSQL's overlap instead of adding up. The queue bounds memory to a few chunks.
@@ -69,7 +78,7 @@ def backfill_range(
         try:
             with consistent_snapshot(conn) as lsn:
                 stats.snapshot_lsn = lsn
-                for rows in stream_rows(conn, table, where, (start, end), chunk=chunk, enriched=enriched):
+                for rows in stream_rows(conn, table, where, params, chunk=chunk, enriched=enriched):
                     items = []
                     for raw in rows:
                         row, enrichment = split_enrichment(raw)
