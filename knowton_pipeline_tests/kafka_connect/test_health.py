@@ -1,9 +1,11 @@
-"""connector_health_sensor against the real Kafka Connect, with alerts delivered to a real HTTP receiver;
-its restart/backoff/alert decisions on failed connectors; restart_failed_connectors on the real worker."""
+"""connector_health_sensor against the real Kafka Connect, with alerts delivered to a real HTTP receiver
+(which may refuse them); its restart/backoff/alert decisions on failed, deleted and redeployed connectors;
+restart_failed_connectors on the real worker."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -270,3 +272,71 @@ def test_a_failed_debezium_task_is_restarted_by_the_sensor_and_no_change_is_lost
     assert ch_row(ch, "users", "address = {a:String}", {"a": deleted}) is None  # FINAL hides the delete
     gone = es_source(es, "knowton-users", deleted)
     assert gone is not None and gone["is_deleted"] is True
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: Connect there is really unreachable (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_alert_the_webhook_failed_to_take_is_not_recorded_and_the_next_tick_sends_it(receiver: Receiver) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+
+    def unreachable_tick(cursor: str | None) -> str | None:
+        context = dg.build_sensor_context(
+            cursor=cursor,
+            resources={
+                "kafka_connect": KafkaConnectResource(url=url),
+                "alerts": AlertsResource(throttle_seconds=600, webhook_url=receiver.url),
+                "connector_health_policy": ConnectorHealthPolicy(unreachable_ticks=1, request_timeout_seconds=1.0),
+            },
+        )
+        return connector_health_sensor(context).cursor  # type: ignore[union-attr]
+
+    receiver.fail_with(503)
+    cursor = unreachable_tick(None)
+    assert len(receiver.attempts) == 3 and receiver.received == []  # retried, bounded, then given up
+    assert json.loads(cursor or "{}")["alerts"]["connect:unreachable"]["alerted"] is False
+    receiver.heal()
+    cursor = unreachable_tick(cursor)
+    assert receiver.texts() == [":red_circle: Kafka Connect is unreachable"]
+    unreachable_tick(cursor)
+    assert len(receiver.received) == 1  # delivered once: recorded, not sent again
+
+
+def _one(health: ConnectorHealth) -> ConnectHealth:
+    return ConnectHealth(True, None, {health.name: health})
+
+
+def test_a_connector_deleted_and_deployed_again_starts_from_a_fresh_entry() -> None:
+    policy = ConnectorHealthPolicy(max_restarts=2, backoff_seconds=100)
+    failed = ConnectorHealth("scratch", "RUNNING", [TaskState(0, "FAILED", None, "java.lang.IllegalStateException")])
+    state: dict[str, Any] = {}
+    for now in (0.0, 100.0, 300.0):  # two restarts, then alerted when the second backoff ran out
+        evaluate(_one(failed), state, policy, now, throttle_seconds=600)
+    assert state["connectors"]["scratch"]["attempts"] == 2 and "connector:scratch:failed" in state["alerts"]
+    # Deleted: its entry and its alert go, the alert with an ending message.
+    _, sent, _ = evaluate(ConnectHealth(True, None, {}), state, policy, 310.0, throttle_seconds=600)
+    assert "scratch" not in state["connectors"] and "connector:scratch:failed" not in state["alerts"]
+    assert [a.title for a in sent] == ["Ended: connector scratch was deleted from Kafka Connect"]
+    # Deployed again, failing at once: restarted at once, attempts counted from one, no old backoff.
+    runs, sent, _ = evaluate(_one(failed), state, policy, 320.0, throttle_seconds=600)
+    assert [r.tags["knowton/restart-attempt"] for r in runs] == ["1"] and sent == []
+    assert state["connectors"]["scratch"]["attempts"] == 1
+
+
+def test_a_connector_deployed_again_with_another_config_between_two_ticks_starts_afresh() -> None:
+    policy = ConnectorHealthPolicy(max_restarts=1, backoff_seconds=100)
+    trace = "java.lang.IllegalStateException"
+    old = ConnectorHealth("scratch", "RUNNING", [TaskState(0, "FAILED", None, trace)], config_digest="a")
+    state: dict[str, Any] = {}
+    for now in (0.0, 100.0):
+        runs, sent, _ = evaluate(_one(old), state, policy, now, throttle_seconds=600)
+    assert runs == [] and [a.severity for a in sent] == ["error"]  # restarts ran out: alerted
+    new = ConnectorHealth("scratch", "RUNNING", [TaskState(0, "FAILED", None, trace)], config_digest="b")
+    runs, sent, _ = evaluate(_one(new), state, policy, 110.0, throttle_seconds=600)
+    assert [r.tags["knowton/restart-attempt"] for r in runs] == ["1"]
+    assert [a.title for a in sent] == ["Ended: connector scratch was deployed again with another config"]
+    assert state["connectors"]["scratch"]["attempts"] == 1 and state["connectors"]["scratch"]["config_digest"] == "b"

@@ -167,3 +167,40 @@ def test_a_failing_check_alerts_once_within_the_throttle_window_and_recovers(sta
         assert receiver.received[1]["text"].endswith("Recovered: Check end_to_end_lag on postgres/ops/heartbeat")
         tick(cursor)
         assert len(receiver.received) == 2  # nothing new evaluated: nothing sent
+
+
+def test_a_check_failing_again_soon_after_its_recovery_is_alerted_when_the_window_ends(
+    stack: Stack, receiver: Receiver
+) -> None:
+    throttle = 30.0
+    failing = {"lag_warn_seconds": 0.0, "lag_error_seconds": 0.0}  # any lag at all is an ERROR
+    passing = {"lag_warn_seconds": 3600.0, "lag_error_seconds": 7200.0}
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None) -> str | None:
+            context = dg.build_sensor_context(
+                instance=instance,
+                cursor=cursor,
+                definitions=_definitions(),
+                resources={"alerts": AlertsResource(throttle_seconds=throttle, webhook_url=receiver.url)},
+            )
+            return check_failure_alert_sensor(context).cursor  # type: ignore[union-attr]
+
+        cursor = tick(None)
+        run_checks(instance, **failing)
+        cursor = tick(cursor)
+        run_checks(instance, **passing)
+        cursor = tick(cursor)
+        recovered_at = time.monotonic()
+        assert [t.split(" ", 1)[1] for t in receiver.texts()] == [
+            "Check end_to_end_lag on postgres/ops/heartbeat failed",
+            "Recovered: Check end_to_end_lag on postgres/ops/heartbeat",
+        ]
+        run_checks(instance, **failing)
+        cursor = tick(cursor)
+        assert time.monotonic() - recovered_at < throttle, "too slow to test within the throttle window"
+        assert len(receiver.received) == 2  # held back: a message went out less than a window ago
+        time.sleep(max(0.0, recovered_at + throttle - time.monotonic()) + 1.0)
+        tick(cursor)  # no new evaluation: the check still fails, and the window has ended
+        assert len(receiver.received) == 3
+        assert receiver.texts()[2].endswith("Check end_to_end_lag on postgres/ops/heartbeat failed")

@@ -10,7 +10,7 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from knowton_pipeline.defs.resources import AlertsResource
-from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch, deliver
 
 DONE = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
 RESTART_JOB = "restart_failed_connectors"
@@ -35,7 +35,8 @@ def _fields(evaluation: Any, run_id: str) -> dict[str, str]:
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
-        "Alerts once when an asset check starts failing (throttled per check), and once when it passes again. "
+        "Alerts once when an asset check fails (throttled per check: held back within the window, sent when it "
+        "ends if the check still fails), and once when it passes again; undelivered messages are retried. "
         "Its cursor holds the last evaluation seen per check and the alert state."
     ),
 )
@@ -45,14 +46,17 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
     book = AlertBook.from_json(state.get("alerts"))
     keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=lambda k: k.to_user_string())  # type: ignore[union-attr]
     latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
-    channels = alerts.channels(context.log)
-    now, new, sent = time.time(), 0, 0
+    dispatch = Dispatch(alerts.channels(context.log), context.log)
+    now, new, sent, undelivered = time.time(), 0, 0, 0
     for key in keys:
         record = latest.get(key)
         name = key.to_user_string()
-        if record is None or record.status not in DONE or record.id <= seen.get(name, 0):
+        if record is None or record.status not in DONE:
             continue
-        seen[name], new = record.id, new + 1
+        if record.id > seen.get(name, 0):
+            seen[name], new = record.id, new + 1
+        # The latest evaluation is fed on every tick, not only when it is new: an alert held back by the
+        # throttle, or one whose delivery failed, goes out on a later tick if the check still fails.
         evaluation = _evaluation(record)
         failing = record.status == AssetCheckExecutionRecordStatus.FAILED
         error = getattr(evaluation, "severity", None) == dg.AssetCheckSeverity.ERROR
@@ -72,11 +76,18 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
         )
         if alert is None:
             continue
-        deliver(channels, alert, context.log)
-        sent += 1
+        if dispatch.send(alert):
+            book.mark_sent(alert, now)
+            sent += 1
+        else:
+            undelivered += 1
     state["alerts"] = book.to_json()
     return dg.SensorResult(
-        cursor=json.dumps(state, sort_keys=True), skip_reason=f"{new} new evaluation(s), {sent} message(s) sent"
+        cursor=json.dumps(state, sort_keys=True),
+        skip_reason=(
+            f"{new} new evaluation(s), {sent} message(s) sent"
+            + (f", {undelivered} not delivered (tried again next tick)" if undelivered else "")
+        ),
     )
 
 

@@ -3,10 +3,12 @@ connectors and tasks restarted with capped exponential backoff, and alerts when 
 
 The cursor (JSON, shown on the sensor's page) keeps per connector the restart attempts, when the next
 one is due and the last failure trace, the count of ticks Connect did not answer, and the alert state.
+A connector that is deleted, or deployed again with another config, starts over from a fresh entry.
 """
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -16,7 +18,7 @@ from knowton_pipeline.catalog import CDC_TABLES
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR, cdc_topic_key
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.connectors import load_connector_configs
-from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
 from knowton_pipeline.lib.health.connect import (
     ConnectHealth,
     ConnectorHealth,
@@ -125,23 +127,36 @@ def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObserv
     return [dg.AssetObservation(asset_key=key, metadata=metadata) for key in topics]
 
 
+CONNECTOR_ALERTS = ("failed", "config")  # alert keys `connector:<name>:<kind>` that live and die with a deployment
+
+
+def _delivered(alert: Alert) -> bool:
+    return True
+
+
 def evaluate(
     health: ConnectHealth,
     state: dict[str, Any],
     policy: ConnectorHealthPolicy,
     now: float,
     throttle_seconds: float,
+    send: Callable[[Alert], bool] = _delivered,
 ) -> tuple[list[dg.RunRequest], list[Alert], list[dg.AssetObservation]]:
-    """One tick's decisions, from the report and the cursor state (updated in place)."""
+    """One tick's decisions, from the report and the cursor state (updated in place).
+
+    Every message due is handed to `send`; only those it delivered are recorded as sent, the others are
+    due again next tick. Returns the runs to request, the messages due and the observations."""
     book = AlertBook.from_json(state.get("alerts"))
     runs: list[dg.RunRequest] = []
     alerts: list[Alert] = []
     observations: list[dg.AssetObservation] = []
 
-    def note(key: str, failing: bool, alert: Alert) -> None:
-        message = book.update(alert, failing, now, throttle_seconds)
+    def note(key: str, failing: bool, alert: Alert, recovery: Alert | None = None) -> None:
+        message = book.update(alert, failing, now, throttle_seconds, recovery)
         if message is not None:
             alerts.append(message)
+            if send(message):
+                book.mark_sent(message, now)
 
     ticks = 0 if health.reachable else int(state.get("unreachable_ticks", 0)) + 1
     state["unreachable_ticks"] = ticks
@@ -161,8 +176,31 @@ def evaluate(
         return runs, alerts, observations
 
     connectors = state.setdefault("connectors", {})
+    # Deleted (absent from Connect), or deployed anew with another config since the last tick: the restarts,
+    # backoff and alerts of the old deployment say nothing about the new one, which starts from nothing.
+    ended: dict[str, str] = {}
+    for name, entry in connectors.items():
+        c = health.connectors.get(name)
+        if c is None:
+            ended[name] = "was deleted from Kafka Connect"
+        elif None not in (entry.get("config_digest"), c.config_digest) and entry["config_digest"] != c.config_digest:
+            ended[name] = "was deployed again with another config"
+    for key in list(book.keys):  # an alert whose recovery could not be delivered when its connector went
+        name, _, kind = key.removeprefix("connector:").rpartition(":")
+        if key.startswith("connector:") and kind in CONNECTOR_ALERTS and name not in health.connectors:
+            ended.setdefault(name, "was deleted from Kafka Connect")
+    for name, why in sorted(ended.items()):
+        connectors.pop(name, None)
+        for kind in CONNECTOR_ALERTS:
+            key = f"connector:{name}:{kind}"
+            if key in book.keys:
+                end = Alert(key, "recovery", f"Ended: connector {name} {why}", "Its earlier alert no longer applies.")
+                note(key, False, end, end)
+                if not book.keys[key]["alerted"]:  # nothing (more) to announce
+                    book.forget(key)
     for name, c in health.connectors.items():
         entry = connectors.setdefault(name, {"attempts": 0, "next_at": 0.0, "last_trace": None, "observed": None})
+        entry["config_digest"] = c.config_digest
         if not c.healthy:
             entry["running_since"] = None
         if c.failed:
@@ -249,10 +287,10 @@ def connector_health_sensor(
         health = connect_health(client, load_connector_configs())
     except KafkaConnectError as exc:  # an answer that is not JSON, say
         health = ConnectHealth(False, str(exc))
-    runs, to_send, observations = evaluate(health, state, connector_health_policy, time.time(), alerts.throttle_seconds)
-    channels = alerts.channels(context.log)
-    for alert in to_send:
-        deliver(channels, alert, context.log)
+    dispatch = Dispatch(alerts.channels(context.log), context.log)
+    runs, _, observations = evaluate(
+        health, state, connector_health_policy, time.time(), alerts.throttle_seconds, send=dispatch.send
+    )
     summary = (
         f"Kafka Connect unreachable ({state['unreachable_ticks']} tick(s)): {health.error}"
         if not health.reachable

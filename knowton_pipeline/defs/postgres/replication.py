@@ -11,7 +11,7 @@ import dagster as dg
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
-from knowton_pipeline.lib.health.alerts import Alert, AlertBook, deliver
+from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
 from knowton_pipeline.lib.health.replication import (
     LagHealth,
     LagThresholds,
@@ -120,14 +120,14 @@ def replication_lag_sensor(
         slot = slot_health(conn, replication_thresholds.slot())
     lag = heartbeat_lag(applied_heartbeat(kafka.bootstrap_servers), replication_thresholds.lag())
     now = time.time()
-    channels = alerts.channels(context.log)
+    dispatch = Dispatch(alerts.channels(context.log), context.log)
     for key, failing, title, text in (
         ("replication:slot", slot.verdict == "error", "Replication slot needs attention", slot.reason),
         ("replication:lag", lag.verdict == "error", "End-to-end replication lag above the limit", lag.reason),
     ):
         message = book.update(Alert(key, "error", title, text), failing, now, alerts.throttle_seconds)
-        if message is not None:
-            deliver(channels, message, context.log)
+        if message is not None and dispatch.send(message):  # undelivered: due again next tick
+            book.mark_sent(message, now)
     state["alerts"] = book.to_json()
     observation = dg.AssetObservation(
         asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag)}

@@ -2,10 +2,14 @@
 
 Each alert has a key (one check, one connector, Connect itself). The state of every key lives in a
 sensor's cursor as plain JSON, so it survives daemon restarts:
-- a key that starts failing sends one alert, unless the same key already sent a message within the
-  throttle window (a flapping check then sends at most one alert and one recovery per window);
-- a key that keeps failing sends nothing more;
+- a failing key sends one alert as soon as no message for that key went out within the throttle
+  window: at once when it starts failing after a quiet window, otherwise when the window ends, if it
+  is still failing then (a flapping check sends at most one alert per window, and a failure never
+  stays silent for longer than one window);
+- a key that keeps failing sends nothing more once its alert went out;
 - a key whose alert went out and that passes again sends one recovery.
+A message counts as sent only once every channel delivered it; until then it is due again on the next
+observation. The webhook is retried a few times with backoff before a delivery counts as failed.
 Channels: a webhook taking Slack-compatible JSON, and the log. The webhook URL is a secret: it is never
 logged, and a delivery failure is reported without it.
 """
@@ -13,6 +17,7 @@ logged, and a delivery failure is reported without it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -61,20 +66,42 @@ class AlertDeliveryError(RuntimeError):
 class WebhookChannel:
     name = "webhook"
 
-    def __init__(self, url: str, *, timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 3,
+        backoff_seconds: float = 0.5,
+    ):
         self._url = url
         self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.backoff_seconds = backoff_seconds
 
     def __repr__(self) -> str:  # never show the URL: it usually embeds a token
         return "WebhookChannel(url=********)"
 
-    def send(self, alert: Alert) -> None:
+    def _post_once(self, alert: Alert) -> tuple[str, bool]:
+        """(what went wrong, whether trying again may help); ("", False) once delivered."""
         try:
             r = requests.post(self._url, json=alert.slack_payload(), timeout=self.timeout)
         except requests.RequestException as exc:
-            raise AlertDeliveryError(f"alert webhook unreachable: {type(exc).__name__}") from None
-        if r.status_code >= 300:
-            raise AlertDeliveryError(f"alert webhook answered HTTP {r.status_code}")
+            return f"alert webhook unreachable: {type(exc).__name__}", True
+        if r.status_code < 300:
+            return "", False
+        # 429 and 5xx are the receiver's passing trouble; any other answer will not change on a retry.
+        return f"alert webhook answered HTTP {r.status_code}", r.status_code == 429 or r.status_code >= 500
+
+    def send(self, alert: Alert) -> None:
+        """Post the alert; retried (bounded, exponential backoff) while the failure may pass."""
+        for attempt in range(1, self.attempts + 1):
+            error, retryable = self._post_once(alert)
+            if not error:
+                return
+            if not retryable or attempt == self.attempts:
+                raise AlertDeliveryError(f"{error} (attempt {attempt} of {self.attempts})")
+            time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
 
 
 class LogChannel:
@@ -95,6 +122,7 @@ class AlertBook:
 
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     # key -> {"failing": bool, "alerted": bool, "last_sent": float | None, "suppressed": int}
+    # "alerted": the current failure's alert went out and its recovery has not yet.
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> AlertBook:
@@ -106,33 +134,53 @@ class AlertBook:
     def observe(
         self, key: str, failing: bool, now: float, throttle_seconds: float
     ) -> Literal["alert", "recover"] | None:
-        """Record the key's state at `now`; say whether an alert or a recovery should go out."""
+        """Record the key's state at `now`; say whether an alert or a recovery is due.
+
+        Nothing is recorded as sent here: call `sent` once the message went out, or it stays due.
+        """
         entry = self.keys.setdefault(key, {"failing": False, "alerted": False, "last_sent": None, "suppressed": 0})
-        if failing and not entry["failing"]:
-            entry["failing"] = True
-            if entry["last_sent"] is None or now - entry["last_sent"] >= throttle_seconds:
-                entry["alerted"], entry["last_sent"] = True, now
+        quiet = entry["last_sent"] is None or now - entry["last_sent"] >= throttle_seconds
+        starts = failing and not entry["failing"]
+        entry["failing"] = failing
+        if failing and not entry["alerted"]:
+            if quiet:
                 return "alert"
-            entry["alerted"] = False
-            entry["suppressed"] += 1
+            if starts:  # held back by the throttle: alerted when the window ends if it still fails
+                entry["suppressed"] += 1
             return None
-        if not failing and entry["failing"]:
-            entry["failing"] = False
-            if entry["alerted"]:
-                entry["alerted"], entry["last_sent"] = False, now
-                return "recover"
+        if not failing and entry["alerted"]:
+            return "recover"
         return None
+
+    def sent(self, key: str, action: Literal["alert", "recover"], now: float) -> None:
+        """Record that the alert or recovery `observe` said was due went out at `now`."""
+        entry = self.keys[key]
+        entry["alerted"], entry["last_sent"] = action == "alert", now
+        if action == "alert":
+            entry["suppressed"] = 0
 
     def update(
         self, alert: Alert, failing: bool, now: float, throttle_seconds: float, recovery: Alert | None = None
     ) -> Alert | None:
-        """What to send for `alert.key` now: the alert, its recovery (by default "Recovered: <title>"), or nothing."""
+        """The message due for `alert.key` now: the alert, its recovery (by default "Recovered: <title>"), or
+        nothing. Pass it to `sent` once delivered."""
         action = self.observe(alert.key, failing, now, throttle_seconds)
         if action == "alert":
+            held = self.keys[alert.key]["suppressed"]
+            if held:
+                fields = {**alert.fields, "failures held back by the throttle": str(held)}
+                return Alert(alert.key, alert.severity, alert.title, alert.text, fields)
             return alert
         if action == "recover":
             return recovery or Alert(alert.key, "recovery", f"Recovered: {alert.title}", "It is healthy again.")
         return None
+
+    def mark_sent(self, message: Alert, now: float) -> None:
+        """`sent` for a message `update` returned."""
+        self.sent(message.key, "recover" if message.severity == "recovery" else "alert", now)
+
+    def forget(self, key: str) -> None:
+        self.keys.pop(key, None)
 
 
 def deliver(channels: Sequence[AlertChannel], alert: Alert, log: Any) -> list[str]:
@@ -145,6 +193,33 @@ def deliver(channels: Sequence[AlertChannel], alert: Alert, log: Any) -> list[st
             failures.append(f"{channel.name}: {exc}")
             log.warning(f"could not deliver alert {alert.key!r} via {channel.name}: {exc}")
     return failures
+
+
+class Dispatch:
+    """One tick's deliveries. A channel that failed (after its own retries) is not tried again within the
+    tick, so a webhook that is down cannot hold a sensor past its timeout; what it missed is not recorded
+    as sent, so the next tick tries again."""
+
+    def __init__(self, channels: Sequence[AlertChannel], log: Any):
+        self.channels = list(channels)
+        self.log = log
+        self.down: set[str] = set()
+
+    def send(self, alert: Alert) -> bool:
+        """True when every channel delivered `alert`."""
+        delivered = True
+        for channel in self.channels:
+            if channel.name in self.down:
+                delivered = False
+                self.log.warning(f"alert {alert.key!r} not sent via {channel.name}: it already failed this tick")
+                continue
+            try:
+                channel.send(alert)
+            except AlertDeliveryError as exc:
+                delivered = False
+                self.down.add(channel.name)
+                self.log.warning(f"could not deliver alert {alert.key!r} via {channel.name}: {exc}")
+        return delivered
 
 
 def channels_from_settings(webhook_url: str | None, logger: Any) -> list[AlertChannel]:

@@ -3,6 +3,8 @@ trace, connectors missing from Connect, and deployed configs that differ from `c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,9 @@ class ConnectorHealth:
     tasks: list[TaskState] = field(default_factory=list)
     trace: str | None = None
     config_drift: list[str] = field(default_factory=list)  # config keys that differ from connectors/
+    # A digest of the deployed config (None when not fetched): a new one means a new deployment. Only a digest,
+    # so a secret in the config never reaches a cursor or a log.
+    config_digest: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -102,7 +107,12 @@ def connector_from_status(
     ]
     connector = status.get("connector", {})
     drift = diff_config(config or {}, expected) if expected is not None else []
-    return ConnectorHealth(name, str(connector.get("state", "UNKNOWN")), tasks, connector.get("trace"), drift)
+    digest = config_digest(config) if config is not None else None
+    return ConnectorHealth(name, str(connector.get("state", "UNKNOWN")), tasks, connector.get("trace"), drift, digest)
+
+
+def config_digest(config: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def connect_health(client: KafkaConnectClient, expected: dict[str, dict[str, str]]) -> ConnectHealth:
