@@ -6,10 +6,11 @@ Needs the stack up (`knowton stack up`) with the connector deployed. Nothing is 
 alerts go to the log only. For each sensor it times, alternating so drift hits both alike:
   connector_health_sensor  one full tick (status, deployed configs, diff against connectors/, decisions)
       raw                  `GET /connectors?expand=status&expand=info` alone, on a kept-alive session
-  replication_lag_sensor   one full tick (slot query, the applied heartbeat's time from the sync group's
-                           committed offset, decisions)
-      raw                  the `pg_replication_slots` query on an open connection, plus the committed
-                           offset read of the sync group
+  replication_lag_sensor   one full tick (slot query, idle transactions, per cdc-* topic the sync group's
+                           committed offset and the partition's end, the oldest unapplied record's time
+                           when a topic is behind, decisions)
+      raw                  the `pg_replication_slots` and `pg_stat_activity` queries on an open
+                           connection, plus the committed offsets and ends of the cdc-* partitions
   applied heartbeat        `applied_heartbeat` reading the time the apply stored with its commit
       fetch                the same for a scratch group whose offset carries no time, so the record
                            itself is fetched (what every tick cost before the apply stored it)
@@ -33,7 +34,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.catalog import CDC_TABLES, HEARTBEAT
 from knowton_pipeline.defs.kafka_connect.health import ConnectorHealthPolicy, connector_health_sensor
 from knowton_pipeline.defs.postgres.replication import ReplicationThresholds, replication_lag_sensor
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource, build_resources
@@ -95,13 +96,21 @@ def main() -> int:
     conn = psycopg.connect(**settings.pg_conninfo(), autocommit=True)  # type: ignore[arg-type]
 
     def lag_raw() -> None:
+        # What the tick reads, raw: the slot, the sessions idle in a transaction, and per cdc-* topic the
+        # group's committed offset and the end of the partition.
         conn.execute(
             "SELECT active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) "
             "FROM pg_replication_slots WHERE slot_name = 'knowton_cdc_slot'"
         ).fetchone()
+        conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state LIKE 'idle in transaction%%'"
+        ).fetchall()
         consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
         try:
-            consumer.committed([TopicPartition(HEARTBEAT.topic, 0)], timeout=5.0)
+            parts = [TopicPartition(t.topic, 0) for t in CDC_TABLES]
+            for tp in consumer.committed(parts, timeout=5.0):
+                consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
         finally:
             consumer.close()
 

@@ -148,6 +148,8 @@ def _print_result(r: Any) -> None:
         print(f"  different: {key}: {', '.join(columns)}")
     if len(d.different) > 10:
         print(f"  ... and {len(d.different) - 10} more different")
+    for key, age in list(r.lagging.items())[:10]:
+        print(f"  lagging: {key}: the source changed while the target stood still for {age:.0f} s")
     if r.in_flight:
         print(f"  in flight (still changing, not reported): {len(r.in_flight)}")
     for day, (s, t) in sorted(r.day_counts.items(), key=str)[:10]:
@@ -172,6 +174,7 @@ def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
         threshold=args.threshold,
         window=timedelta(minutes=args.window_minutes),
         settle_seconds=args.settle,
+        stuck_seconds=args.stuck,
     )
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
     reports: list[dict[str, Any]] = []
@@ -271,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--window-minutes", type=float, default=60.0, help="incremental window (plus a 5 min margin)")
     rc.add_argument("--threshold", type=int, default=256, help="segment size compared row by row")
     rc.add_argument("--settle", type=float, default=5.0, help="seconds before differences are re-checked (0: never)")
+    rc.add_argument(
+        "--stuck",
+        type=float,
+        default=60.0,
+        help="a key whose source changes while its target stands still this many seconds is reported as lagging",
+    )
     rc.add_argument("--repair", action="store_true", help="re-sync the differing keys from PostgreSQL and re-verify")
     rc.add_argument("--max-repair-keys", type=int, default=10_000, help="refuse to repair more keys than this")
     rc.add_argument("--no-record", action="store_true", help="do not store the result in ops.reconcile_runs")

@@ -133,7 +133,11 @@ def test_an_inactive_slot_with_writes_going_on_turns_the_lag_check_warn_then_err
         )
         apply()
         recovered = run_checks(instance, **thresholds)
-        assert {n: _verdict(e) for n, e in recovered.items()} == {"replication_slot": "ok", "end_to_end_lag": "ok"}
+        assert {n: _verdict(e) for n, e in recovered.items()} == {
+            "replication_slot": "ok",
+            "end_to_end_lag": "ok",
+            "idle_transactions": "ok",
+        }
 
 
 def test_a_failing_check_alerts_once_within_the_throttle_window_and_recovers(stack: Stack, receiver: Receiver) -> None:

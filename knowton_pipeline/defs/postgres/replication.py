@@ -1,6 +1,6 @@
-"""Replication health on the PostgreSQL side: asset checks on `postgres/ops/heartbeat` (the slot, and
-end-to-end lag from the heartbeat) and `replication_lag_sensor`, which records both as numbers the UI
-plots and alerts when either turns to ERROR."""
+"""Replication health on the PostgreSQL side: asset checks on `postgres/ops/heartbeat` (the slot, end-to-end
+lag per topic, sessions idle in a transaction) and `replication_lag_sensor`, which records them as numbers the
+UI plots and alerts when one turns to ERROR."""
 
 import json
 import time
@@ -13,12 +13,14 @@ from knowton_pipeline.defs.postgres.assets import postgres_table_key
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
 from knowton_pipeline.lib.health.replication import (
+    IdleTransactionHealth,
+    IdleTransactionThresholds,
     LagHealth,
     LagThresholds,
     SlotHealth,
     SlotThresholds,
-    applied_heartbeat,
-    heartbeat_lag,
+    end_to_end_lag,
+    idle_transaction_health,
     slot_health,
 )
 
@@ -33,6 +35,11 @@ class ReplicationThresholds(dg.ConfigurableResource):
     lag_error_seconds: float = 60.0
     retained_warn_bytes: int = 1 << 30
     retained_error_bytes: int = 8 << 30
+    idle_transaction_warn_seconds: float = 60.0
+    idle_transaction_error_seconds: float = 300.0
+
+    def idle(self) -> IdleTransactionThresholds:
+        return IdleTransactionThresholds(self.idle_transaction_warn_seconds, self.idle_transaction_error_seconds)
 
     def lag(self) -> LagThresholds:
         return LagThresholds(self.lag_warn_seconds, self.lag_error_seconds)
@@ -51,10 +58,24 @@ def _slot_metadata(s: SlotHealth) -> dict[str, Any]:
     }
 
 
+def _idle_metadata(idle: IdleTransactionHealth) -> dict[str, Any]:
+    return {
+        "idle_transactions": dg.IntMetadataValue(len(idle.sessions)),
+        "oldest_idle_transaction_seconds": dg.FloatMetadataValue(
+            round(idle.sessions[0].age_seconds, 1) if idle.sessions else 0.0
+        ),
+        "idle_transaction_pids": dg.MetadataValue.json([s.pid for s in idle.sessions]),
+    }
+
+
 def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
     return {
         "lag_seconds": dg.FloatMetadataValue(round(lag.lag_seconds, 3) if lag.lag_seconds is not None else -1.0),
         "applied_heartbeat": lag.applied_heartbeat.isoformat() if lag.applied_heartbeat else "",
+        # One plotted series per topic: a data topic far behind shows even while heartbeats flow.
+        **{
+            f"lag_seconds:{topic}": dg.FloatMetadataValue(round(age, 3)) for topic, age in lag.per_topic_seconds.items()
+        },
     }
 
 
@@ -68,7 +89,18 @@ def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
         dg.AssetCheckSpec(
             "end_to_end_lag",
             asset=HEARTBEAT_ASSET,
-            description="The newest heartbeat written to ClickHouse and Elasticsearch: WARN above 30 s, ERROR above 60 s.",
+            description=(
+                "The oldest change not yet written to ClickHouse and Elasticsearch on any cdc-* topic, or the "
+                "newest applied heartbeat when all are caught up: WARN above 30 s, ERROR above 60 s."
+            ),
+        ),
+        dg.AssetCheckSpec(
+            "idle_transactions",
+            asset=HEARTBEAT_ASSET,
+            description=(
+                "No session idle in an open transaction: it holds back vacuum and the locks it took. "
+                "WARN above 60 s, ERROR above 300 s, naming the pid, its age and its last statement."
+            ),
         ),
     ],
     can_subset=True,
@@ -81,25 +113,23 @@ def replication_health(
     replication_thresholds: ReplicationThresholds,
 ) -> Any:
     selected = {k.name for k in context.selected_asset_check_keys}
-    if "replication_slot" in selected:
+    if "replication_slot" in selected or "idle_transactions" in selected:
         with postgres.get_connection(autocommit=True) as conn:
-            slot = slot_health(conn, replication_thresholds.slot())
-        yield dg.AssetCheckResult(
-            check_name="replication_slot",
-            passed=slot.verdict == "ok",
-            severity=SEVERITY[slot.verdict],
-            description=slot.reason,
-            metadata=_slot_metadata(slot),
-        )
+            if "replication_slot" in selected:
+                slot = slot_health(conn, replication_thresholds.slot())
+                yield _result("replication_slot", slot.verdict, slot.reason, _slot_metadata(slot))
+            if "idle_transactions" in selected:
+                idle = idle_transaction_health(conn, replication_thresholds.idle())
+                yield _result("idle_transactions", idle.verdict, idle.reason, _idle_metadata(idle))
     if "end_to_end_lag" in selected:
-        lag = heartbeat_lag(applied_heartbeat(kafka.bootstrap_servers), replication_thresholds.lag())
-        yield dg.AssetCheckResult(
-            check_name="end_to_end_lag",
-            passed=lag.verdict == "ok",
-            severity=SEVERITY[lag.verdict],
-            description=lag.reason,
-            metadata=_lag_metadata(lag),
-        )
+        lag = end_to_end_lag(kafka.bootstrap_servers, replication_thresholds.lag())
+        yield _result("end_to_end_lag", lag.verdict, lag.reason, _lag_metadata(lag))
+
+
+def _result(name: str, verdict: str, reason: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name, passed=verdict == "ok", severity=SEVERITY[verdict], description=reason, metadata=metadata
+    )
 
 
 @dg.sensor(
@@ -118,19 +148,21 @@ def replication_lag_sensor(
     book = AlertBook.from_json(state.get("alerts"))
     with postgres.get_connection(autocommit=True) as conn:
         slot = slot_health(conn, replication_thresholds.slot())
-    lag = heartbeat_lag(applied_heartbeat(kafka.bootstrap_servers), replication_thresholds.lag())
+        idle = idle_transaction_health(conn, replication_thresholds.idle())
+    lag = end_to_end_lag(kafka.bootstrap_servers, replication_thresholds.lag())
     now = time.time()
     dispatch = Dispatch(alerts.channels(context.log), context.log)
     for key, failing, title, text in (
         ("replication:slot", slot.verdict == "error", "Replication slot needs attention", slot.reason),
         ("replication:lag", lag.verdict == "error", "End-to-end replication lag above the limit", lag.reason),
+        ("replication:idle_transaction", idle.verdict == "error", "A session is idle in a transaction", idle.reason),
     ):
         message = book.update(Alert(key, "error", title, text), failing, now, alerts.throttle_seconds)
         if message is not None and dispatch.send(message):  # undelivered: due again next tick
             book.mark_sent(message, now)
     state["alerts"] = book.to_json()
     observation = dg.AssetObservation(
-        asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag)}
+        asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag), **_idle_metadata(idle)}
     )
     return dg.SensorResult(
         asset_events=[observation],

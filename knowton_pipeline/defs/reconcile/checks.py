@@ -73,6 +73,8 @@ class ReconcileRunConfig(dg.Config):
     error_above_keys: int = 100  # more differing keys than this is an ERROR, fewer a WARN
     window_minutes: float = 60.0
     settle_seconds: float = 5.0
+    # A key whose source changes while its target stands still this long is reported as lagging.
+    stuck_seconds: float = 60.0
     threshold: int = 256
     aggregate_days: int = 0  # 0: every materialized day; N: the last N materialized days
     repair: bool = False  # re-sync the differing keys right after the check
@@ -104,6 +106,8 @@ def _metadata(result: ReconcileResult, reconcile_id: int, extra: dict[str, Any])
         "extra_in_target": dg.IntMetadataValue(len(d.extra_in_target)),
         "different": dg.IntMetadataValue(len(d.different)),
         "in_flight": dg.IntMetadataValue(len(result.in_flight)),
+        "lagging": dg.IntMetadataValue(len(result.lagging)),
+        "oldest_lagging_seconds": dg.FloatMetadataValue(round(max(result.lagging.values(), default=0.0), 1)),
         "days_with_count_mismatch": dg.IntMetadataValue(len(result.day_counts)),
         "rows_compared": dg.IntMetadataValue(result.stats.rows_compared),
         "duration_seconds": dg.FloatMetadataValue(round(result.seconds, 3)),
@@ -169,6 +173,7 @@ def reconcile_stores(
         threshold=config.threshold,
         window=timedelta(minutes=config.window_minutes),
         settle_seconds=config.settle_seconds,
+        stuck_seconds=config.stuck_seconds,
     )
     failed: list[str] = []
     with (

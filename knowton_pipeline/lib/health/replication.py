@@ -1,5 +1,8 @@
 """Replication health: the Debezium slot as PostgreSQL reports it (pg_replication_slots), and end-to-end
-lag: the newest heartbeat (Debezium writes one every few seconds) that the apply has written, against now.
+lag per topic: the age of the oldest change the sync group has not applied yet, on every `cdc-*` topic. The
+heartbeat (Debezium writes one every few seconds) is only the idle-time signal: when every data topic is caught
+up, the lag is how old the newest applied heartbeat is. So a data topic far behind cannot hide behind fresh
+heartbeats.
 
 A verdict per check: "ok", "warn" or "error", with the numbers behind it.
 """
@@ -7,14 +10,15 @@ A verdict per check: "ok", "warn" or "error", with the numbers behind it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
 import psycopg
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, TopicPartition
 
-from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.catalog import CDC_TABLES, HEARTBEAT
 from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, committed_timestamp
 
 Verdict = Literal["ok", "warn", "error"]
@@ -78,6 +82,7 @@ class LagHealth:
     lag_seconds: float | None
     verdict: Verdict
     reason: str
+    per_topic_seconds: Mapping[str, float] = field(default_factory=dict)  # age of each topic's oldest waiting change
 
 
 def applied_heartbeat(bootstrap: str, group_id: str = DEFAULT_GROUP, timeout: float = 5.0) -> datetime | None:
@@ -107,11 +112,161 @@ def applied_heartbeat(bootstrap: str, group_id: str = DEFAULT_GROUP, timeout: fl
         consumer.close()
 
 
-def heartbeat_lag(
-    applied: datetime | None, thresholds: LagThresholds = LagThresholds(), now: datetime | None = None
+@dataclass(frozen=True)
+class TopicLag:
+    """How far the sync group is on one topic (all its partitions)."""
+
+    topic: str
+    behind: int  # records written to the topic and not applied yet
+    oldest_unapplied: datetime | None  # when the oldest of them was produced; None when caught up
+    newest_applied: datetime | None  # when the newest applied record was produced, where it is known
+
+
+def topic_lags(
+    bootstrap: str, group_id: str = DEFAULT_GROUP, topics: Sequence[str] | None = None, timeout: float = 5.0
+) -> list[TopicLag]:
+    """Per `cdc-*` topic: records not applied by `group_id`, and the time of the oldest one (one fetch per
+    partition that is behind). The heartbeat topic's newest applied record comes from the committed offset's
+    stored time (see `applied_heartbeat`). No store is opened."""
+    names = list(topics or [t.topic for t in CDC_TABLES])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(timeout=timeout).topics
+        parts = [TopicPartition(t, p) for t in names if t in meta for p in meta[t].partitions]
+        committed = consumer.committed(parts, timeout=timeout) if parts else []
+        behind: dict[str, int] = dict.fromkeys(names, 0)
+        newest: dict[str, datetime | None] = dict.fromkeys(names)
+        fetch: list[TopicPartition] = []
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            position = max(tp.offset, low) if tp.offset >= 0 else low
+            stored = committed_timestamp(tp) if tp.offset >= 0 else None
+            if stored is not None and (newest[tp.topic] is None or stored > newest[tp.topic]):  # type: ignore[operator]
+                newest[tp.topic] = stored
+            if high > position:
+                behind[tp.topic] += high - position
+                fetch.append(TopicPartition(tp.topic, tp.partition, position))
+        oldest = _first_record_times(consumer, fetch, timeout)
+    finally:
+        consumer.close()
+    return [TopicLag(t, behind[t], oldest.get(t), newest[t]) for t in names]
+
+
+def _first_record_times(consumer: Consumer, starts: list[TopicPartition], timeout: float) -> dict[str, datetime]:
+    """The produce time of the record at each given position, the earliest per topic."""
+    if not starts:
+        return {}
+    consumer.assign(starts)
+    wanted = {(tp.topic, tp.partition) for tp in starts}
+    found: dict[str, datetime] = {}
+    deadline = time.monotonic() + timeout
+    while wanted and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error() or (msg.topic(), msg.partition()) not in wanted:
+            continue
+        wanted.discard((msg.topic(), msg.partition()))
+        kind, ms = msg.timestamp()
+        if kind == TIMESTAMP_NOT_AVAILABLE:
+            continue
+        at = datetime.fromtimestamp(ms / 1000, UTC)
+        if msg.topic() not in found or at < found[msg.topic()]:
+            found[msg.topic()] = at
+    if wanted:
+        raise KafkaException(f"could not read the oldest unapplied record of {sorted(wanted)} within {timeout} s")
+    return found
+
+
+def pipeline_lag(
+    lags: Sequence[TopicLag],
+    applied: datetime | None,
+    thresholds: LagThresholds = LagThresholds(),
+    now: datetime | None = None,
 ) -> LagHealth:
-    if applied is None:
-        return LagHealth(None, None, "error", "no heartbeat has been applied yet")
-    lag = max(0.0, ((now or datetime.now(UTC)) - applied).total_seconds())
+    """End-to-end lag: the oldest change waiting on any topic; when none waits, the age of the newest applied
+    heartbeat (`applied`), which Debezium refreshes every few seconds even when nothing changes."""
+    now = now or datetime.now(UTC)
+    waiting = [(max(0.0, (now - t.oldest_unapplied).total_seconds()), t) for t in lags if t.oldest_unapplied]
+    per_topic = {t.topic: 0.0 for t in lags}
+    for age, t in waiting:
+        per_topic[t.topic] = age
+    if waiting:
+        age, worst = max(waiting, key=lambda w: w[0])
+        reason = f"{worst.topic}: {worst.behind} change(s) not applied, the oldest {age:.1f} s old"
+        lag = age
+    elif applied is None:
+        return LagHealth(None, None, "error", "no heartbeat has been applied yet", per_topic)
+    else:
+        lag = max(0.0, (now - applied).total_seconds())
+        reason = f"every topic is caught up; the newest applied heartbeat is {lag:.1f} s old"
+    if applied is not None and waiting:
+        lag = max(lag, (now - applied).total_seconds())
     verdict: Verdict = "error" if lag > thresholds.error_seconds else "warn" if lag > thresholds.warn_seconds else "ok"
-    return LagHealth(applied, lag, verdict, f"the newest applied heartbeat is {lag:.1f} s old")
+    return LagHealth(applied, lag, verdict, reason, per_topic)
+
+
+def end_to_end_lag(
+    bootstrap: str, thresholds: LagThresholds = LagThresholds(), group_id: str = DEFAULT_GROUP
+) -> LagHealth:
+    """`pipeline_lag` of the sync group, measured now."""
+    lags = topic_lags(bootstrap, group_id)
+    heartbeat = next((t for t in lags if t.topic == HEARTBEAT.topic), None)
+    applied = heartbeat.newest_applied if heartbeat else None
+    if applied is None:
+        applied = applied_heartbeat(bootstrap, group_id)
+    return pipeline_lag(lags, applied, thresholds)
+
+
+@dataclass(frozen=True)
+class IdleTransaction:
+    """A session idle inside an open transaction: it holds back vacuum and the locks it took."""
+
+    pid: int
+    age_seconds: float
+    state: str
+    user: str
+    application: str
+    query: str  # its last statement, cut to QUERY_CHARS
+
+
+QUERY_CHARS = 200
+
+
+@dataclass(frozen=True)
+class IdleTransactionThresholds:
+    warn_seconds: float = 60.0
+    error_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class IdleTransactionHealth:
+    sessions: tuple[IdleTransaction, ...]
+    verdict: Verdict
+    reason: str
+
+
+def idle_transactions(conn: psycopg.Connection, older_than_seconds: float) -> list[IdleTransaction]:
+    """Sessions of this database idle in a transaction opened more than `older_than_seconds` ago, oldest first."""
+    rows = conn.execute(
+        "SELECT pid, extract(epoch FROM now() - xact_start)::float8, state, coalesce(usename::text, ''), "
+        "coalesce(application_name, ''), left(coalesce(query, ''), %s) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND state LIKE 'idle in transaction%%' "
+        "AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start",
+        (QUERY_CHARS, older_than_seconds),
+    ).fetchall()
+    return [IdleTransaction(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def idle_transaction_health(
+    conn: psycopg.Connection, thresholds: IdleTransactionThresholds = IdleTransactionThresholds()
+) -> IdleTransactionHealth:
+    sessions = tuple(idle_transactions(conn, thresholds.warn_seconds))
+    if not sessions:
+        return IdleTransactionHealth((), "ok", f"no session idle in a transaction for over {thresholds.warn_seconds:g} s")
+    oldest = sessions[0]
+    verdict: Verdict = "error" if oldest.age_seconds > thresholds.error_seconds else "warn"
+    reason = (
+        f"{len(sessions)} session(s) idle in a transaction; the oldest: pid {oldest.pid} ({oldest.user}, "
+        f"{oldest.application or 'no application name'}), open {oldest.age_seconds:.0f} s, last statement: "
+        f"{oldest.query!r}. End it with SELECT pg_terminate_backend({oldest.pid}) if its owner cannot."
+    )
+    return IdleTransactionHealth(sessions, verdict, reason)

@@ -11,7 +11,9 @@ Modes:
 
 Differences found in the first pass are re-checked after `settle_seconds`: a key is reported only when
 both sides held still in between and still differ; a key that kept changing is in flight, not drift,
-so a busy, healthy pipeline raises no alarm.
+so a busy, healthy pipeline raises no alarm. But a key whose source keeps changing while its target never
+moves for `stuck_seconds` is not in flight: the target is stuck, and the key is reported as lagging, with
+how long its target has been seen standing still.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ReconcileOptions:
     margin: timedelta = timedelta(minutes=5)  # ...plus this much, for changes applied late
     settle_seconds: float = 5.0  # wait before re-checking differences; 0 reports the first pass as is
     recheck_rounds: int = 3
+    # A target that has not moved this long while its source did is stuck, not in flight: reported as lagging.
+    stuck_seconds: float = 60.0
     max_recheck: int = 10_000  # differences beyond this many are reported without a re-check
 
     def __post_init__(self) -> None:
@@ -77,6 +81,9 @@ class ReconcileResult:
     stats: BisectStats
     seconds: float
     in_flight: list[Key] = field(default_factory=list)  # still changing after every re-check: not reported
+    # Keys whose source changed while the target stood still for `stuck_seconds` or more -> seconds seen still.
+    # They are part of `differences` too (reported, recorded and repaired like any drift).
+    lagging: dict[Key, float] = field(default_factory=dict)
     unconfirmed: int = 0  # differences reported without a re-check (beyond max_recheck)
     day_counts: dict[date | None, tuple[int, int]] = field(default_factory=dict)  # days whose counts differ
     first_pass: int = 0  # differences before the re-check
@@ -118,6 +125,8 @@ class ReconcileResult:
                 str(day): {"source": s, "target": t} for day, (s, t) in sorted(self.day_counts.items(), key=str)
             },
             "in_flight": len(self.in_flight),
+            "lagging": len(self.lagging),
+            "sample_lagging": {str(k): round(age, 1) for k, age in list(self.lagging.items())[:sample]},
             "first_pass_differences": self.first_pass,
             "unconfirmed": self.unconfirmed,
             "segments_checked": self.stats.segments_checked,
@@ -260,21 +269,32 @@ class Reconciler:
             self._pool = None
 
     # --- the in-flight re-check -----------------------------------------------------------------
-    def _settle(self, first: Differences) -> tuple[Differences, list[Key], int]:
-        """Keep the differences that hold still; return them, the keys still moving, and how many went unchecked."""
+    def _settle(self, first: Differences) -> tuple[Differences, list[Key], dict[Key, float], int]:
+        """Keep the differences that hold still; return them, the keys still moving, the keys whose target is
+        stuck (with how long it stood still) and how many went unchecked."""
         opts = self.options
         keys = [*first.missing_in_target, *first.extra_in_target, *first.different]
         if opts.settle_seconds <= 0 or not keys:
-            return first, [], 0
+            return first, [], {}, 0
+        started = time.monotonic()
         checked, unchecked = keys[: opts.max_recheck], keys[opts.max_recheck :]
         confirmed: dict[Key, Pair] = {k: self._seen[k] for k in unchecked}
         previous = {k: self._seen[k] for k in checked}
+        first_target = {k: pair[1] for k, pair in previous.items()}
         pending = checked
-        for round_ in range(opts.recheck_rounds):
-            if not pending:
-                break
+        target_moved: list[Key] = []  # in flight for sure: the target is applying changes
+        round_ = 0
+        while pending:
+            # After the usual rounds, only keys whose target has not moved since the first pass are re-checked
+            # further, until they are stuck long enough to report.
+            if round_ >= opts.recheck_rounds:
+                target_moved += [k for k in pending if previous[k][1] != first_target[k]]
+                pending = [k for k in pending if previous[k][1] == first_target[k]]
+                if not pending or time.monotonic() - started >= opts.stuck_seconds:
+                    break
+            round_ += 1
             self._on_progress(
-                f"re-checking {len(pending)} differing key(s) in {opts.settle_seconds:g} s (round {round_ + 1})"
+                f"re-checking {len(pending)} differing key(s) in {opts.settle_seconds:g} s (round {round_})"
             )
             time.sleep(opts.settle_seconds)
             source, target = self._compare_keys(pending)
@@ -289,7 +309,11 @@ class Reconciler:
                     previous[key] = now
                     moving.append(key)
             pending = moving
-        return self._classify(confirmed), pending, len(unchecked)
+        still = time.monotonic() - started
+        lagging = {k: still for k in pending if previous[k][1] == first_target[k] and still >= opts.stuck_seconds}
+        confirmed.update({k: previous[k] for k in lagging})
+        in_flight = target_moved + [k for k in pending if k not in lagging]
+        return self._classify(confirmed), in_flight, lagging, len(unchecked)
 
     # --- the run -------------------------------------------------------------------------------
     def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
@@ -338,7 +362,7 @@ class Reconciler:
                 first, stats, source_rows, target_rows = self._incremental_pass()
             else:
                 first, stats, source_rows, target_rows, day_counts = self._full_pass()
-            diffs, in_flight, unconfirmed = self._settle(first)
+            diffs, in_flight, lagging, unconfirmed = self._settle(first)
         except STORE_ERRORS as exc:
             raise ReconcileError(
                 f"reconciling {self.table.name} with {self.target_name} stopped after {time.monotonic() - t0:.1f} s, "
@@ -356,6 +380,7 @@ class Reconciler:
             stats=stats,
             seconds=time.monotonic() - t0,
             in_flight=in_flight,
+            lagging=lagging,
             unconfirmed=unconfirmed,
             day_counts=day_counts,
             first_pass=first.total,

@@ -16,15 +16,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import elastic_transport
 import psycopg
+from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
-from elasticsearch import Elasticsearch
+from elasticsearch import ApiError, Elasticsearch
 from psycopg import sql
 
 from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
 from knowton_pipeline.lib.sync import dlq
+from knowton_pipeline.lib.sync.positions import (
+    check_source_not_behind,
+    clickhouse_newest_versions,
+    elasticsearch_newest_versions,
+    source_position,
+)
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import CONTENT, content_items, contents_by_creators, qualified
 from knowton_pipeline.lib.sync.writers import (
@@ -157,6 +165,14 @@ class CdcApplier:
     ) -> ApplyStats:
         stats = ApplyStats()
         t0 = time.monotonic()
+        retry_transient(
+            self.check_source_position,
+            budget_seconds=self.config.max_retry_seconds,
+            initial=self.config.backoff_initial,
+            maximum=self.config.backoff_max,
+            on_retry=lambda _exc: setattr(stats, "retries", stats.retries + 1),
+            what="the check of the stores' newest versions",
+        )
         consumer = self._consumer()
         assigned = threading.Event()
         if until_caught_up:
@@ -194,6 +210,23 @@ class CdcApplier:
             if self._pg is not None:
                 self._pg.close()
         return stats
+
+    def check_source_position(self) -> None:
+        """Refuse to start when the stores hold versions beyond the source's WAL (a restored source)."""
+        conn = self._pg_conn()
+        try:
+            source = source_position(conn)
+        finally:
+            conn.rollback()
+        try:
+            newest = {
+                "clickhouse": clickhouse_newest_versions(self.ch_writer.client),
+                "elasticsearch": elasticsearch_newest_versions(self.es_writer.es),
+            }
+        except (ApiError, elastic_transport.TransportError, ch_errors.Error, OSError) as exc:
+            # A store that cannot answer is an outage to wait out, like a write it refuses.
+            raise TransientStoreError(f"reading the newest versions failed: {type(exc).__name__}: {exc}") from exc
+        check_source_not_behind(source, newest)
 
     def _committed_positions(self, consumer: Consumer) -> list[TopicPartition]:
         meta = consumer.list_topics(timeout=10).topics

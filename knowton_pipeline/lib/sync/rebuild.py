@@ -112,8 +112,8 @@ def _wait_for_bulks_under_way(es: Elasticsearch, timeout_seconds: float) -> None
     reach the old index through the alias."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the task list is flagged "technical preview" by the client
-        # A bulk still under way after the timeout is left to the write block that follows: refused there,
-        # it fails loudly in its writer (which dead-letters it) instead of landing unseen.
+        # A bulk still under way after the timeout is left to the write block that follows: refused there
+        # (a store-wide refusal), its writer retries the batch, which then resolves the alias to the new index.
         es.options(request_timeout=timeout_seconds + 30).tasks.list(
             actions=BULK_ACTIONS, wait_for_completion=True, timeout=f"{int(timeout_seconds)}s"
         )

@@ -1,0 +1,52 @@
+"""In flight must not hide a stuck target, on the real stack: a key updated every 2 s while the apply is stopped
+keeps changing in PostgreSQL, but its target never moves, so it is reported as lagging, not counted clean."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import psycopg
+from elasticsearch import Elasticsearch
+
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline_tests.reconcile.conftest import Reconcile
+from knowton_pipeline_tests.sync.conftest import insert_user
+
+
+def test_a_key_updated_every_2_s_while_the_apply_is_stopped_is_reported_as_lagging(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    es: Elasticsearch,
+    reconcile: Reconcile,
+) -> None:
+    address = insert_user(pg, reputation=0)
+    apply()
+    stop = threading.Event()
+
+    def keep_updating() -> None:
+        with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            n = 0
+            while not stop.wait(2.0 if n else 0.0):
+                n += 1
+                conn.execute('UPDATE "User" SET reputation = %s WHERE address = %s', (n, address))
+
+    writer = threading.Thread(target=keep_updating)
+    writer.start()
+    try:
+        for target in ("clickhouse", "elasticsearch"):
+            result = reconcile("User", target, mode="incremental", settle_seconds=3.0, stuck_seconds=8.0)
+            assert not result.clean, target
+            assert address in result.lagging and result.lagging[address] >= 8.0, target
+            assert address in result.differences.different and address not in result.in_flight
+    finally:
+        stop.set()
+        writer.join()
+    # Once the apply has run, the key is in step again: reported no longer.
+    apply()
+    for target in ("clickhouse", "elasticsearch"):
+        result = reconcile("User", target, mode="incremental", settle_seconds=3.0, stuck_seconds=8.0)
+        assert address not in result.lagging and address not in result.differences.different
