@@ -152,3 +152,21 @@ def caught_up(apply: Callable[[], ApplyStats]) -> Iterator[None]:
     """Start each test from a caught-up pipeline, so its assertions see only its own changes."""
     apply()
     yield
+
+
+def assert_reconciled(
+    settings: Settings, ch: ClickHouseClient, es: Elasticsearch, table_name: str, keys: list[Any]
+) -> None:
+    """A full reconciliation of `table_name` with each of its stores reports none of `keys` (other tests' keys,
+    drifted on purpose, are theirs to assert)."""
+    from knowton_pipeline.catalog import table
+    from knowton_pipeline.lib.reconcile.engine import ReconcileOptions
+    from knowton_pipeline.lib.reconcile.run import reconcile_pair
+
+    targets = ["clickhouse"] + (["elasticsearch"] if table(table_name).elasticsearch_index else [])
+    options = ReconcileOptions(mode="full", threshold=64, settle_seconds=0.5)
+    with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        for target in targets:
+            d = reconcile_pair(table_name, target, conn=conn, clickhouse=ch, es=es, options=options).differences
+            reported = {*d.missing_in_target, *d.extra_in_target, *d.different}
+            assert not reported & set(keys), f"{table_name} in {target}: {sorted(reported & set(keys), key=str)}"

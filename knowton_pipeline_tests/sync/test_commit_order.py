@@ -21,6 +21,7 @@ from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import backfill_range
 from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
 from knowton_pipeline_tests.sync.conftest import (
+    assert_reconciled,
     ch_row,
     es_source,
     insert_user,
@@ -82,6 +83,7 @@ def test_a_transaction_open_across_an_incremental_snapshot_wins_over_the_snapsho
 
     apply()
     assert _reputation_in_stores(ch, es, address) == (2, 2)
+    assert_reconciled(settings, ch, es, "User", [address])
 
 
 @pytest.mark.parametrize("target", ["clickhouse", "elasticsearch"])
@@ -108,3 +110,4 @@ def test_a_backfill_does_not_wait_for_an_open_transaction_and_its_commit_wins(
         open_tx.commit()
     apply()
     assert _reputation_in_stores(ch, es, address) == (5, 5)
+    assert_reconciled(settings, ch, es, "User", [address])

@@ -15,6 +15,7 @@ from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline_tests.sync.conftest import (
+    assert_reconciled,
     ch_row,
     es_source,
     insert_content,
@@ -68,10 +69,16 @@ def test_a_nan_price_fixed_then_deleted_leaves_no_live_row(
     stats = apply()
     assert stats.dead_lettered == {"clickhouse": 1, "elasticsearch": 1}  # the NaN update only
     assert _content_in_stores(ch, es, content) == (None, None)
+    assert_reconciled(settings, ch, es, "Content", [content])
 
 
 def test_an_infinite_timestamp_and_a_null_tag_never_block_the_delete(
-    caught_up: None, apply: Callable[[], ApplyStats], pg: psycopg.Connection, ch: ClickHouseClient, es: Elasticsearch
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
 ) -> None:
     creator = insert_user(pg)
     content = insert_content(pg, creator)
@@ -87,6 +94,8 @@ def test_an_infinite_timestamp_and_a_null_tag_never_block_the_delete(
     assert ch_row(ch, "users", "address = {a:String}", {"a": creator}) is None
     doc = es_source(es, "knowton-users", creator)
     assert doc is not None and doc["is_deleted"] is True
+    assert_reconciled(settings, ch, es, "Content", [content])
+    assert_reconciled(settings, ch, es, "User", [creator])
 
 
 @pytest.fixture
@@ -102,6 +111,7 @@ def test_deletes_with_replica_identity_default_carry_only_the_key_and_still_appl
     caught_up: None,
     user_identity_default: None,
     apply: Callable[[], ApplyStats],
+    settings: Settings,
     pg: psycopg.Connection,
     ch: ClickHouseClient,
     es: Elasticsearch,
@@ -116,6 +126,7 @@ def test_deletes_with_replica_identity_default_carry_only_the_key_and_still_appl
     assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is None
     doc = es_source(es, "knowton-users", address)
     assert doc is not None and doc["is_deleted"] is True
+    assert_reconciled(settings, ch, es, "User", [address])
 
 
 def test_truncate_purchase_turns_its_rows_into_tombstones_that_a_stale_write_cannot_resurrect(
@@ -131,6 +142,7 @@ def test_truncate_purchase_turns_its_rows_into_tombstones_that_a_stale_write_can
     purchases = [insert_purchase(pg, content, buyer) for _ in range(3)]
     apply()
     assert es_source(es, "knowton-contents", str(content))["sales_count"] == 3  # type: ignore[index]
+    assert_reconciled(settings, ch, es, "Purchase", purchases)
     kept = pg.execute('SELECT * FROM "Purchase"').fetchall()
     columns = [d.name for d in pg.execute('SELECT * FROM "Purchase" LIMIT 0').description or []]
     old_versions = dict(
@@ -152,6 +164,8 @@ def test_truncate_purchase_turns_its_rows_into_tombstones_that_a_stale_write_can
     assert tombstones == len(purchases)
     # What the search documents show from Purchase follows: no sales any more.
     assert es_source(es, "knowton-contents", str(content))["sales_count"] == 0  # type: ignore[index]
+    assert_reconciled(settings, ch, es, "Purchase", purchases)
+    assert_reconciled(settings, ch, es, "Content", [content])
 
     # A stale write from before the truncate (a replay, a late backfill) is refused by the tombstone's version.
     from knowton_pipeline.catalog import table
@@ -171,3 +185,4 @@ def test_truncate_purchase_turns_its_rows_into_tombstones_that_a_stale_write_can
     apply()
     assert ch.query("SELECT count() FROM knowton.purchases FINAL").result_rows[0][0] == len(kept)
     assert es_source(es, "knowton-contents", str(content))["sales_count"] == 3  # type: ignore[index]
+    assert_reconciled(settings, ch, es, "Purchase", purchases)

@@ -8,16 +8,22 @@ from collections.abc import Callable
 
 import dagster as dg
 import psycopg
+from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline_tests.postgres.test_replication import _verdict, run_checks
-from knowton_pipeline_tests.sync.conftest import es_source, insert_content, insert_user
+from knowton_pipeline_tests.sync.conftest import assert_reconciled, es_source, insert_content, insert_user
 
 
 def test_a_session_idle_in_transaction_neither_stalls_a_content_update_nor_goes_unnamed(
-    caught_up: None, apply: Callable[[], ApplyStats], settings: Settings, pg: psycopg.Connection, es: Elasticsearch
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
 ) -> None:
     creator = insert_user(pg)
     content = insert_content(pg, creator, title="before")
@@ -44,3 +50,4 @@ def test_a_session_idle_in_transaction_neither_stalls_a_content_update_nor_goes_
         assert pid in check.metadata["idle_transaction_pids"].value
         idle.rollback()
     assert _verdict(run_checks(dg.DagsterInstance.ephemeral())["idle_transactions"]) == "ok"
+    assert_reconciled(settings, ch, es, "Content", [content])

@@ -16,6 +16,7 @@ from knowton_pipeline.lib.health.replication import applied_heartbeat
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline_tests.postgres.test_replication import _verdict, run_checks
 from knowton_pipeline_tests.sync.conftest import (
+    assert_reconciled,
     insert_content,
     insert_purchase,
     insert_user,
@@ -31,8 +32,7 @@ def test_a_data_topic_kept_behind_shows_in_the_lag_while_heartbeats_flow(
     content = insert_content(pg, creator)
     wait_for_cdc(settings)
     make_applier(settings, ch, es).run(until_caught_up=True, max_seconds=120)
-    for _ in range(3):
-        insert_purchase(pg, content, buyer)
+    purchases = [insert_purchase(pg, content, buyer) for _ in range(3)]
     wait_for_cdc(settings)
     time.sleep(12)
     # The consumer keeps applying heartbeats (as a fetch of small heartbeats does while a data partition is
@@ -50,3 +50,4 @@ def test_a_data_topic_kept_behind_shows_in_the_lag_while_heartbeats_flow(
     make_applier(settings, ch, es).run(until_caught_up=True, max_seconds=120)
     healthy = run_checks(dg.DagsterInstance.ephemeral())["end_to_end_lag"]
     assert _verdict(healthy) == "ok" and healthy.metadata["lag_seconds:cdc-Purchase"].value == 0
+    assert_reconciled(settings, ch, es, "Purchase", purchases)

@@ -15,7 +15,15 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq, writers
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_user, make_applier, topic_size, wait_for_cdc
+from knowton_pipeline_tests.sync.conftest import (
+    assert_reconciled,
+    ch_row,
+    es_source,
+    insert_user,
+    make_applier,
+    topic_size,
+    wait_for_cdc,
+)
 
 
 def _dlq_sizes(settings: Settings) -> dict[str, int]:
@@ -47,6 +55,7 @@ def test_write_block_on_the_users_index_holds_a_single_row_batch_until_lifted(
     es.indices.refresh(index="knowton-users")
     assert es_source(es, "knowton-users", address)["reputation"] == 7  # type: ignore[index]
     assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is not None
+    assert_reconciled(settings, ch, es, "User", [address])
 
 
 def test_a_renamed_clickhouse_mirror_holds_a_single_row_batch_until_it_is_back(
@@ -74,6 +83,7 @@ def test_a_renamed_clickhouse_mirror_holds_a_single_row_batch_until_it_is_back(
     assert ch_row(ch, "users", "address = {a:String}", {"a": address})["reputation"] == 8  # type: ignore[index]
     es.indices.refresh(index="knowton-users")
     assert es_source(es, "knowton-users", address) is not None
+    assert_reconciled(settings, ch, es, "User", [address])
 
 
 @pytest.mark.parametrize(
