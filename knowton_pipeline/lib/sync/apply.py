@@ -352,12 +352,11 @@ def elasticsearch_items(
             for image in (e.before, e.after):
                 if image and "contentId" in image:
                     content_sources[image["contentId"]].append(source)
+        elif e.table.name == "User" and e.op == "u" and (e.before or {}).get("username") != e.row["username"]:
+            creators[e.row["address"]].append(source)
     for e, sources in latest_per_key(events):
         if e.table.name == "User":
             items.append(WriteItem(e.table, e.row, e.version, e.is_delete, sources))
-    for e, source in events:
-        if e.table.name == "User" and e.op == "u" and (e.before or {}).get("username") != e.row["username"]:
-            creators[e.row["address"]].append(source)
     if not content_sources and not creators and not every_content:
         return items
     conn = pg_conn()

@@ -29,7 +29,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import ApiError, Elasticsearch
 from elasticsearch import helpers as es_helpers
 
-from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, SyncedTable, snake
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, SyncedTable
 from knowton_pipeline.lib.canonical import backtick, es_hash_fields
 from knowton_pipeline.lib.transform import (
     ES_DELETED_FIELD,
@@ -147,7 +147,7 @@ class ClickHouseWriter:
     def truncate(self, table: SyncedTable, version: int) -> int:
         """Every live row of the mirror older than `version` becomes a tombstone at `version` (a TRUNCATE)."""
         target = f"{self.database}.{table.clickhouse_table}"
-        keys = ", ".join(backtick(snake(k)) for k in table.key)
+        keys = ", ".join(backtick(table.column(k).target_name) for k in table.key)
         try:
             rows = self.client.query(
                 f"SELECT {keys} FROM {target} FINAL WHERE version < {{v:UInt64}}", parameters={"v": version}
