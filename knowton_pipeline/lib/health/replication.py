@@ -261,7 +261,9 @@ def idle_transaction_health(
 ) -> IdleTransactionHealth:
     sessions = tuple(idle_transactions(conn, thresholds.warn_seconds))
     if not sessions:
-        return IdleTransactionHealth((), "ok", f"no session idle in a transaction for over {thresholds.warn_seconds:g} s")
+        return IdleTransactionHealth(
+            (), "ok", f"no session idle in a transaction for over {thresholds.warn_seconds:g} s"
+        )
     oldest = sessions[0]
     verdict: Verdict = "error" if oldest.age_seconds > thresholds.error_seconds else "warn"
     reason = (
