@@ -26,10 +26,11 @@ from knowton_pipeline.catalog import TABLES, SyncedTable
 from knowton_pipeline.lib import clickhouse
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.backfill import backfill_range
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
 
 BENCH_DB = "knowton_bench"

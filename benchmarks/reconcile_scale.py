@@ -30,13 +30,17 @@ import psycopg
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import Column, SyncedTable
-from knowton_pipeline.lib import canonical, clickhouse
+from knowton_pipeline.lib import clickhouse
 from knowton_pipeline.lib.reconcile.bisect import Segment
 from knowton_pipeline.lib.reconcile.engine import ReconcileOptions, Reconciler, ReconcileResult
-from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import WriteItem, target_store
+from knowton_pipeline.lib.stores import elasticsearch as es_store
+from knowton_pipeline.lib.stores import postgres as pg_store
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
+from knowton_pipeline.lib.stores.elasticsearch import DocumentStreamSide, ElasticsearchWriter, StoredHashSide
+from knowton_pipeline.lib.stores.postgres import PostgresSide
 from knowton_pipeline.lib.sync.source import stream_rows
-from knowton_pipeline.lib.sync.writers import ElasticsearchWriter, WriteItem
 
 DATABASE = "knowton_bench"
 INDEX = "bench-events"
@@ -103,8 +107,8 @@ ES_MAPPING = {
         "pg_lsn": {"type": "long"},
         "is_deleted": {"type": "boolean"},
         "indexed_at": {"type": "date"},
-        canonical.ES_HASH_FIELD: {"type": "keyword"},
-        **{p: {"type": "integer"} for p in canonical.ES_HASH_PARTS},
+        es_store.ES_HASH_FIELD: {"type": "keyword"},
+        **{p: {"type": "integer"} for p in es_store.ES_HASH_PARTS},
     },
 }
 
@@ -155,7 +159,7 @@ def index_documents(conn: psycopg.Connection, es: Elasticsearch) -> None:
 
 def reconciler(conn: psycopg.Connection, target: Any, name: str, **options: Any) -> Reconciler:
     opts = ReconcileOptions(**{"settle_seconds": 0, **options})
-    return Reconciler(TABLE, name, PostgresSide(conn, TABLE, target=name), target, opts)  # type: ignore[arg-type]
+    return Reconciler(TABLE, target_store(name), PostgresSide(conn, TABLE, shape=target_store(name).shape), target, opts)  # type: ignore[arg-type]
 
 
 _VERSIONS = iter(range(2, 1 << 62))
@@ -230,7 +234,7 @@ def main() -> None:
                 print(f"  indexed in {t:.1f} s")
         rows = conn.execute("SELECT count(*) FROM bench.events").fetchone()[0]  # type: ignore[index]
         floor = [
-            timed(lambda: canonical.postgres_segment_checksum(conn, TABLE, target="clickhouse"))[0]
+            timed(lambda: pg_store.segment_checksum(conn, TABLE))[0]
             for _ in range(args.repeat)
         ]
         f = statistics.median(floor)
@@ -239,11 +243,11 @@ def main() -> None:
             ("clickhouse", lambda: ClickHouseSide(ch, TABLE, database=DATABASE), None, {})
         ]
         if args.es:
-            targets.append(("elasticsearch", lambda: ElasticsearchSide(es, TABLE, index=INDEX), es, {}))
+            targets.append(("elasticsearch", lambda: StoredHashSide(es, TABLE, index=INDEX), es, {}))
             targets.append(
                 (
                     "elasticsearch",
-                    lambda: ElasticsearchSide(es, TABLE, index=INDEX, documents=True),
+                    lambda: DocumentStreamSide(es, TABLE, index=INDEX),
                     es,
                     {"mode": "full"},
                 )

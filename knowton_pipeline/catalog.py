@@ -1,4 +1,4 @@
-"""The table catalog: every synced table declared once (DESIGN.md principle 1).
+"""The table catalog: every synced table declared once (docs/architecture.md, "Where things live").
 
 Asset specs, topics, DDL checks and (later) transforms and reconciliation are derived from it.
 """
@@ -44,32 +44,53 @@ class Column:
 
 
 @dataclass(frozen=True)
+class Dependency:
+    """How a change of a row in another table reaches the documents a derived field is computed for: a row of
+    `table` feeds the documents whose `row_column` equals its `column`. An update matters only when one of the
+    `watch` columns, or `column` itself, changes (no `watch`: every change matters); an insert, a delete and a
+    truncate always matter. This is what the sync follows to re-read exactly the documents a change touched."""
+
+    table: str  # the other table ("User")
+    column: str  # in that table ("address")
+    row_column: str  # in the document's own table ("creator")
+    watch: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DerivedField:
     """A search-document field computed from other tables (the creator's username, the sales count).
 
     `sql` is the one definition: a PostgreSQL expression for one row of the table, used by the writer's
     enrichment re-read and by the reconciliation's canonical row alike. In it `{row}` is that row's alias,
-    `{Name}` for a table named in `sources` is that table, and any other `{name}` is the quoted identifier
-    `name` (a column). Constants belong to the definition and are written in it.
+    `{Name}` for a table named in `depends` is that table, and any other `{name}` is the quoted identifier
+    `name` (a column). Constants belong to the definition and are written in it. `depends` says how changes of
+    those tables reach the documents (see `Dependency`).
     """
 
     name: str  # in the document, and in the enriched rows ("creator_username")
     type: str  # one of COLUMN_TYPES
     nullable: bool
-    sources: tuple[str, ...]  # the tables it is computed from
+    depends: tuple[Dependency, ...]
     sql: str
     scale: int | None = None
 
     def __post_init__(self) -> None:
         if snake(self.name) != self.name:
             raise ValueError(f"derived field {self.name}: a document field name is snake_case")
+        if not self.depends:
+            raise ValueError(f"derived field {self.name}: it depends on no other table; make it a column instead")
         placeholders = {f for _, f, _, _ in string.Formatter().parse(self.sql) if f is not None}
         if "row" not in placeholders:
             raise ValueError(f"derived field {self.name}: its SQL never refers to the row ({{row}})")
         unused = set(self.sources) - placeholders
         if unused:
-            raise ValueError(f"derived field {self.name}: sources {sorted(unused)} are not used in its SQL")
+            raise ValueError(f"derived field {self.name}: tables {sorted(unused)} it depends on are not in its SQL")
         _ = self.column  # a Column checks the type and the scale
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The tables it is computed from."""
+        return tuple(dict.fromkeys(d.table for d in self.depends))
 
     @property
     def column(self) -> Column:
@@ -100,12 +121,24 @@ class SyncedTable:
         clashes = sorted(taken.intersection(f.name for f in self.derived))
         if clashes:
             raise ValueError(f"{self.name}: derived fields {clashes} clash with column names")
+        names = {c.name for c in self.columns}
+        for f in self.derived:
+            for d in f.depends:
+                if d.row_column not in names:
+                    raise ValueError(
+                        f"{self.name}.{f.name}: depends on {d.table} through {d.row_column!r}, not a column"
+                    )
 
     def column(self, name: str) -> Column:
         for c in self.columns:
             if c.name == name:
                 return c
         raise KeyError(f"{self.name} has no column {name!r}")
+
+    @property
+    def dependencies(self) -> tuple[Dependency, ...]:
+        """How changes of other tables reach this table's search documents, one entry per other table and path."""
+        return tuple(dict.fromkeys(d for f in self.derived for d in f.depends))
 
     @property
     def topic(self) -> str:
@@ -163,7 +196,7 @@ TABLES: tuple[SyncedTable, ...] = (
                 name="creator_username",
                 type="text",
                 nullable=True,
-                sources=("User",),
+                depends=(Dependency("User", "address", "creator", watch=("username",)),),
                 sql="(SELECT u.{username} FROM {User} AS u WHERE u.{address} = {row}.{creator})",
             ),
             # Served by the partial index "Purchase_completed_contentId_idx" (an index-only count per row).
@@ -171,7 +204,7 @@ TABLES: tuple[SyncedTable, ...] = (
                 name="sales_count",
                 type="bigint",
                 nullable=False,
-                sources=("Purchase",),
+                depends=(Dependency("Purchase", "contentId", "id"),),
                 sql=(
                     "(SELECT count(*) FROM {Purchase} AS p "
                     "WHERE p.{contentId} = {row}.{id} AND p.{status} = 'completed')"
@@ -226,6 +259,11 @@ def table(name: str) -> SyncedTable:
         if t.name == name:
             return t
     raise UnknownTableError(name)
+
+
+def documents_fed_by(name: str) -> list[tuple[SyncedTable, Dependency]]:
+    """The tables whose search documents show fields computed from table `name`, with how they are linked."""
+    return [(t, d) for t in TABLES for d in t.dependencies if d.table == name]
 
 
 def all_topics() -> list[str]:

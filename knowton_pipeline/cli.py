@@ -1,106 +1,267 @@
-"""The `knowton` command: run the local stack, apply schemas, deploy connectors, seed demo data."""
+"""The `knowton` command: run the local stack, apply schemas, deploy connectors, seed demo data, reconcile."""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
 
 from knowton_pipeline.lib.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from knowton_pipeline.lib.reconcile.engine import ReconcileResult
 
 EXIT_ERROR = 2
 
 
-def _stack_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from knowton_pipeline.stack.manager import Stack, status_dicts, tail
+class NameChoice(click.Choice):
+    """A choice among names the project declares, looked up only when needed (so `knowton env` stays quick),
+    and refused in the project's words: "unknown table 'Nope'; tables are: ..."."""
 
-    stack = Stack(settings, echo=lambda m: print(m, flush=True))
-    if args.action == "up":
-        statuses = stack.up(args.components or None)
-        _print_status(statuses)
-        return 0
-    if args.action == "down":
-        stack.down(args.components or None)
-        return 0
-    if args.action == "status":
-        statuses = stack.status(args.components or None)
-        if args.json:
-            print(json.dumps(status_dicts(statuses), indent=2))
-        else:
-            _print_status(statuses)
-        return 0 if all(s.state in ("running", "embedded", "remote", "in-use") for s in statuses) else 1
-    if args.action == "logs":
-        names = args.components or [c for c in stack.components]
-        for name in names:
-            comp = stack.select([name])[-1] if name in stack.components else None
-            if comp is None:
-                print(f"error: unknown component {name!r}", file=sys.stderr)
-                return EXIT_ERROR
-            print(f"==> {comp.log} <==")
-            print(tail(comp.log, args.lines))
-        return 0
-    raise AssertionError(args.action)
+    def __init__(self, noun: str, names: Callable[[], Iterable[str]]) -> None:
+        self.noun, self._names, self.case_sensitive = noun, names, True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._names())
+
+    def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
+        return f"unknown {self.noun} {value!r}; {self.noun}s are: {', '.join(self.choices)}"
 
 
-def _print_status(statuses: Sequence[object]) -> None:
+def _component_names() -> list[str]:
+    from knowton_pipeline.stack.components import COMPONENTS
+
+    return [c.name for c in COMPONENTS]
+
+
+def _schema_stores() -> tuple[str, ...]:
+    from knowton_pipeline.lib.schema import STORES
+
+    return STORES
+
+
+def _table_names() -> list[str]:
+    from knowton_pipeline.lib.reconcile.run import table_names
+
+    return ["all", *table_names()]
+
+
+def _target_names() -> list[str]:
+    from knowton_pipeline.lib.reconcile.run import target_names
+
+    return ["all", *target_names()]
+
+
+def _modes() -> tuple[str, ...]:
+    from knowton_pipeline.lib.reconcile.engine import MODES
+
+    return MODES
+
+
+def pass_settings(command: Callable[..., int]) -> Callable[..., int]:
+    """Hand the command its settings, read from the environment when it runs (`--help` needs none)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> int:
+        return command(Settings.from_env(), *args, **kwargs)
+
+    return run
+
+
+def _print_status(statuses: Sequence[Any]) -> None:
     for s in statuses:
-        pid = f"pid {s.pid}" if s.pid else ""  # type: ignore[attr-defined]
-        print(f"{s.name:<14} {s.state:<10} {s.address:<52} {pid:<11} {s.detail}")  # type: ignore[attr-defined]
+        pid = f"pid {s.pid}" if s.pid else ""
+        click.echo(f"{s.name:<14} {s.state:<10} {s.address:<52} {pid:<11} {s.detail}")
 
 
-def _schema_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from knowton_pipeline.lib import schema
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """The `knowton` command: run the local stack, apply schemas, deploy connectors, seed demo data, reconcile.
 
-    for line in schema.apply_all(settings, stores=args.stores or None):
-        print(line, flush=True)
+    Settings come from KNOWTON_* environment variables (`knowton env` prints them)."""
+
+
+# --- stack ----------------------------------------------------------------------------------------------------
+components_argument = click.argument(
+    "components", nargs=-1, metavar="[COMPONENTS]...", type=NameChoice("component", _component_names)
+)
+
+
+@cli.group()
+def stack() -> None:
+    """The local stack: up | down | status | logs.
+
+    COMPONENTS: postgres, kafka, connect, elasticsearch (default: all; ClickHouse is embedded)."""
+
+
+@stack.command("up")
+@components_argument
+@pass_settings
+def stack_up(settings: Settings, components: tuple[str, ...]) -> int:
+    """Start the components (and what they depend on) and wait until each is healthy (idempotent)."""
+    from knowton_pipeline.stack.manager import Stack
+
+    _print_status(Stack(settings, echo=click.echo).up(components or None))
     return 0
 
 
-def _connectors_cmd(args: argparse.Namespace, settings: Settings) -> int:
+@stack.command("down")
+@components_argument
+@pass_settings
+def stack_down(settings: Settings, components: tuple[str, ...]) -> int:
+    """Stop what `up` started."""
+    from knowton_pipeline.stack.manager import Stack
+
+    Stack(settings, echo=click.echo).down(components or None)
+    return 0
+
+
+@stack.command("status")
+@components_argument
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_settings
+def stack_status(settings: Settings, components: tuple[str, ...], as_json: bool) -> int:
+    """Report each component; exit 1 when one is not running."""
+    from knowton_pipeline.stack.manager import Stack, status_dicts
+
+    statuses = Stack(settings, echo=click.echo).status(components or None)
+    if as_json:
+        click.echo(json.dumps(status_dicts(statuses), indent=2))
+    else:
+        _print_status(statuses)
+    return 0 if all(s.state in ("running", "embedded", "remote", "in-use") for s in statuses) else 1
+
+
+@stack.command("logs")
+@components_argument
+@click.option("-n", "--lines", default=40, show_default=True, type=click.IntRange(min=0), help="Lines per component.")
+@pass_settings
+def stack_logs(settings: Settings, components: tuple[str, ...], lines: int) -> int:
+    """Print the end of each component's log."""
+    from knowton_pipeline.stack.manager import Stack, tail
+
+    stack = Stack(settings, echo=click.echo)
+    for name in components or stack.components:
+        log = stack.components[name].log
+        click.echo(f"==> {log} <==")
+        click.echo(tail(log, lines))
+    return 0
+
+
+# --- schema, connectors, seed, sync -----------------------------------------------------------------------------
+@cli.group()
+def schema() -> None:
+    """The stores' schemas."""
+
+
+@schema.command("apply")
+@click.argument("stores", nargs=-1, metavar="[STORES]...", type=NameChoice("store", _schema_stores))
+@pass_settings
+def schema_apply(settings: Settings, stores: tuple[str, ...]) -> int:
+    """Apply the PostgreSQL schema and CDC setup, the Kafka topics, the ClickHouse DDL and the Elasticsearch
+    templates (idempotent).
+
+    STORES: postgres, kafka, clickhouse, elasticsearch (default: all)."""
+    from knowton_pipeline.lib import schema as schemas
+
+    for line in schemas.apply_all(settings, stores=stores or None):
+        click.echo(line)
+    return 0
+
+
+@cli.group()
+def connectors() -> None:
+    """Kafka Connect connectors, from connectors/*.json."""
+
+
+@connectors.command("deploy")
+@click.option("--dry-run", is_flag=True, help="Report what would change, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the results as JSON.")
+@pass_settings
+def connectors_deploy(settings: Settings, dry_run: bool, as_json: bool) -> int:
+    """Create or update each connector whose config differs; report the changed keys."""
     from knowton_pipeline.lib.connectors import deploy_connectors, load_connector_configs
     from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 
-    client = KafkaConnectClient(settings.connect_url)
-    if args.action == "deploy":
-        results = deploy_connectors(client, load_connector_configs(), dry_run=args.dry_run)
-        for r in results:
-            print(r.describe())
-        if args.json:
-            print(json.dumps([r.as_dict() for r in results], indent=2))
-        return 0
-    if args.action == "status":
-        print(json.dumps(client.connectors_with_status(), indent=2))
-        return 0
-    raise AssertionError(args.action)
+    results = deploy_connectors(KafkaConnectClient(settings.connect_url), load_connector_configs(), dry_run=dry_run)
+    for r in results:
+        click.echo(r.describe())
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
 
 
-def _seed_cmd(args: argparse.Namespace, settings: Settings) -> int:
+@connectors.command("status")
+@pass_settings
+def connectors_status(settings: Settings) -> int:
+    """GET /connectors?expand=status, as JSON."""
+    from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+
+    click.echo(json.dumps(KafkaConnectClient(settings.connect_url).connectors_with_status(), indent=2))
+    return 0
+
+
+@cli.command()
+@click.option("--users", default=10_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--contents", default=20_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--purchases", default=100_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=42, show_default=True, help="Random seed: the same seed gives the same rows.")
+@click.option("--replace", is_flag=True, help="Truncate the tables first.")
+@click.option("--if-empty", is_flag=True, help="Do nothing when the tables already hold data.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_settings
+def seed(
+    settings: Settings,
+    users: int,
+    contents: int,
+    purchases: int,
+    seed: int,
+    replace: bool,
+    if_empty: bool,
+    quiet: bool,
+) -> int:
+    """Load deterministic demo data into PostgreSQL (COPY)."""
     import psycopg
 
     from knowton_pipeline.lib.seed import SeedError, SeedSize, seed_demo_data
 
-    size = SeedSize(users=args.users, contents=args.contents, purchases=args.purchases)
+    size = SeedSize(users=users, contents=contents, purchases=purchases)
     with psycopg.connect(**settings.pg_conninfo()) as conn:  # type: ignore[arg-type]
         try:
-            report = seed_demo_data(conn, size, seed=args.seed, replace=args.replace, progress=not args.quiet)
+            report = seed_demo_data(conn, size, seed=seed, replace=replace, progress=not quiet)
         except SeedError as exc:
-            if not args.if_empty:
+            if not if_empty:
                 raise
-            print(f"kept the existing data ({exc})")
+            click.echo(f"kept the existing data ({exc})")
             return 0
     total = report.users + report.contents + report.purchases
-    print(
+    click.echo(
         f"seeded {report.users} users, {report.contents} contents, {report.purchases} purchases "
         f"in {report.seconds:.1f} s ({total / max(report.seconds, 1e-9):,.0f} rows/s)"
     )
     return 0
 
 
-def _sync_cmd(args: argparse.Namespace, settings: Settings) -> int:
+@cli.group()
+def sync() -> None:
+    """Apply CDC events to ClickHouse and Elasticsearch (the worker)."""
+
+
+@sync.command("run")
+@click.option("--once", is_flag=True, help="Stop when caught up instead of running until stopped.")
+@click.option("--batch-size", default=2000, show_default=True, type=click.IntRange(min=1))
+@pass_settings
+def sync_run(settings: Settings, once: bool, batch_size: int) -> int:
+    """Consume the cdc-* topics and write both stores, as the `apply_cdc` job does."""
     import signal
     import threading
 
@@ -112,205 +273,254 @@ def _sync_cmd(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if settings.clickhouse_dsn.startswith("chdb://") and not args.once:
-        print(
+    if settings.clickhouse_dsn.startswith("chdb://") and not once:
+        click.echo(
             "note: the embedded ClickHouse stays open in this worker while it runs, so Dagster runs that "
             "use ClickHouse wait for it to stop; with a ClickHouse server (http://...) they do not.",
-            file=sys.stderr,
+            err=True,
         )
     es = Elasticsearch(settings.es_url, request_timeout=60)
     try:
         applier = CdcApplier(
-            ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=args.batch_size),
+            ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=batch_size),
             clickhouse=clickhouse.get_client(settings.clickhouse_dsn),
             es=es,
             pg_conninfo=settings.pg_conninfo(),
-            on_progress=lambda stats: print(stats.summary(), flush=True),
+            on_progress=lambda stats: click.echo(stats.summary()),
         )
-        stats = applier.run(until_caught_up=args.once, stop=stop)
+        stats = applier.run(until_caught_up=once, stop=stop)
     finally:
         es.close()
-    print(f"stopped: {stats.summary()}")
+    click.echo(f"stopped: {stats.summary()}")
     return 0
 
 
-def _print_result(r: Any) -> None:
+# --- reconcile --------------------------------------------------------------------------------------------------
+def _print_result(r: ReconcileResult) -> None:
     d = r.differences
     verdict = "clean" if r.clean else f"DRIFT: {d.total} key(s)"
-    print(
+    click.echo(
         f"{r.table} -> {r.target} ({r.mode}): {verdict}  ({r.source_rows} rows in PostgreSQL, {r.target_rows} in "
         f"{r.target}; {r.stats.segments_checked} segments, {r.stats.rows_compared} rows compared, {r.seconds:.2f} s)"
     )
     for label, keys in (("missing in target", d.missing_in_target), ("extra in target", d.extra_in_target)):
         if keys:
-            print(f"  {label}: {len(keys)}: {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}")
+            more = " ..." if len(keys) > 10 else ""
+            click.echo(f"  {label}: {len(keys)}: {', '.join(map(str, keys[:10]))}{more}")
     for key, columns in list(d.different.items())[:10]:
-        print(f"  different: {key}: {', '.join(columns)}")
+        click.echo(f"  different: {key}: {', '.join(columns)}")
     if len(d.different) > 10:
-        print(f"  ... and {len(d.different) - 10} more different")
+        click.echo(f"  ... and {len(d.different) - 10} more different")
     for key, age in list(r.lagging.items())[:10]:
-        print(f"  lagging: {key}: the source changed while the target stood still for {age:.0f} s")
+        click.echo(f"  lagging: {key}: the source changed while the target stood still for {age:.0f} s")
     if r.in_flight:
-        print(f"  in flight (still changing, not reported): {len(r.in_flight)}")
+        click.echo(f"  in flight (still changing, not reported): {len(r.in_flight)}")
     for day, (s, t) in sorted(r.day_counts.items(), key=str)[:10]:
-        print(f"  day {day}: {s} rows in PostgreSQL, {t} in {r.target}")
+        click.echo(f"  day {day}: {s} rows in PostgreSQL, {t} in {r.target}")
 
 
-def _reconcile_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import UTC, datetime, timedelta
+def _export_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Refuse a file the differences cannot be written to before any store is read."""
+    if value is None:
+        return None
+    from knowton_pipeline.lib.reconcile.differences import check_export_path
 
-    import psycopg
-    from elasticsearch import Elasticsearch
-
-    from knowton_pipeline.lib import clickhouse
-    from knowton_pipeline.lib.reconcile.engine import ReconcileOptions
-    from knowton_pipeline.lib.reconcile.record import mark_repaired, record_result
-    from knowton_pipeline.lib.reconcile.run import plan_pairs, reconcile_pair, repair_result, result_keys
-
-    pairs = plan_pairs(None if args.table == "all" else [args.table], None if args.target == "all" else [args.target])
-    mode = "full" if args.full else "incremental" if args.incremental else "checksum"
-    options = ReconcileOptions(
-        mode=mode,  # type: ignore[arg-type]
-        threshold=args.threshold,
-        window=timedelta(minutes=args.window_minutes),
-        settle_seconds=args.settle,
-        stuck_seconds=args.stuck,
-    )
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
-    reports: list[dict[str, Any]] = []
-    remaining_drift = False
-    es = Elasticsearch(settings.es_url, request_timeout=120)
     try:
-        with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
-            ch = clickhouse.get_client(settings.clickhouse_dsn) if any(t == "clickhouse" for _, t in pairs) else None
-            for name, target in pairs:
-                started = datetime.now(UTC)
-                result = reconcile_pair(name, target, conn=conn, clickhouse=ch, es=es, options=options, on_progress=say)
-                report = result.as_dict()
-                if not args.no_record:
-                    report["reconcile_id"] = record_result(conn, result, started_at=started)
-                if not args.json:
-                    _print_result(result)
-                if args.repair and not result.clean:
-                    repaired = repair_result(result, conn=conn, clickhouse=ch, es=es, max_keys=args.max_repair_keys)
-                    report["repair"] = repaired.as_dict()
-                    if not args.no_record:
-                        mark_repaired(conn, report["reconcile_id"], result_keys(result), repaired.still_different)
-                    if not args.json:
-                        state = (
-                            "verified clean" if repaired.verified else f"{len(repaired.still_different)} still differ"
-                        )
-                        print(f"  repaired {repaired.requested} key(s) at LSN {repaired.snapshot_lsn}: {state}")
-                    remaining_drift |= not repaired.verified
-                else:
-                    remaining_drift |= not result.clean
-                reports.append(report)
-    finally:
-        es.close()
-    if args.json:
-        print(json.dumps(reports, indent=2))
-    return 1 if remaining_drift else 0
+        path = check_export_path(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if not path.parent.is_dir():
+        raise click.BadParameter(f"folder {str(path.parent)!r} does not exist", ctx, param)
+    return path
 
 
-def _env_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    env = settings.export_env(include_secrets=True)
-    env["DAGSTER_HOME"] = str(settings.dagster_home)
-    for k, v in sorted(env.items()):
-        print(f"export {k}={shlex.quote(v)}")
+def _mode(mode: str | None, full: bool, incremental: bool) -> str:
+    chosen = {m for m, on in (("full", full), ("incremental", incremental), (mode, mode is not None)) if on}
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one mode, not {' and '.join(sorted(map(str, chosen)))}")
+    return str(chosen.pop()) if chosen else "checksum"
+
+
+@cli.command(short_help="Compare PostgreSQL with ClickHouse and Elasticsearch: exit 0 clean, 1 drift, 2 error.")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    type=NameChoice("table", _table_names),
+    help="A synced table or an aggregate; repeat for several.",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    type=NameChoice("target", _target_names),
+    help="The store compared with PostgreSQL; repeat for several.",
+)
+@click.option(
+    "--mode",
+    type=NameChoice("mode", _modes),
+    help="incremental: rows changed in the window; checksum (default): every row; full: also hash every search document.",
+)
+@click.option("--full", is_flag=True, help="Same as --mode full.")
+@click.option("--incremental", is_flag=True, help="Same as --mode incremental.")
+@click.option(
+    "--window-minutes",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Incremental window (plus a 5 min margin).",
+)
+@click.option(
+    "--threshold", default=256, show_default=True, type=click.IntRange(min=1), help="Segment size compared row by row."
+)
+@click.option(
+    "--settle",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds before differences are re-checked (0: never).",
+)
+@click.option(
+    "--stuck",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="A key whose source changes while its target stands still this many seconds is reported as lagging.",
+)
+@click.option("--repair", is_flag=True, help="Re-sync the differing keys from PostgreSQL and re-verify them.")
+@click.option(
+    "--max-repair-keys",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Refuse to repair more keys than this.",
+)
+@click.option("--no-record", is_flag=True, help="Do not store the result in ops.reconcile_runs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_export_path,
+    help="Write every differing key (table, target, key, kind, differing columns, ...) to this .csv or .parquet file.",
+)
+@pass_settings
+def reconcile(
+    settings: Settings,
+    tables: tuple[str, ...],
+    targets: tuple[str, ...],
+    mode: str | None,
+    full: bool,
+    incremental: bool,
+    window_minutes: float,
+    threshold: int,
+    settle: float,
+    stuck: float,
+    repair: bool,
+    max_repair_keys: int,
+    no_record: bool,
+    as_json: bool,
+    output: Path | None,
+) -> int:
+    """Compare PostgreSQL with ClickHouse and Elasticsearch and list the exact differing keys.
+
+    Exit code 0: clean; 1: drift found (with --repair: drift that repair did not fix); 2: error, no verdict."""
+    import psycopg
+
+    from knowton_pipeline.lib.reconcile.differences import differences_frame, export_differences
+    from knowton_pipeline.lib.reconcile.flow import Connections, PairOutcome, ReconcileRequest, reconcile_pairs
+    from knowton_pipeline.lib.reconcile.run import plan_pairs
+    from knowton_pipeline.lib.stores import TARGETS
+
+    try:
+        pairs = plan_pairs(None if "all" in tables else list(tables), None if "all" in targets else list(targets))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    request = ReconcileRequest(
+        mode=_mode(mode, full, incremental),  # type: ignore[arg-type]
+        threshold=threshold,
+        window_minutes=window_minutes,
+        settle_seconds=settle,
+        stuck_seconds=stuck,
+        record=not no_record,
+        repair=repair,
+        max_repair_keys=max_repair_keys,
+    )
+    say: Callable[[str], None] = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    reports: list[dict[str, Any]] = []
+    outcomes: list[PairOutcome] = []
+    with ExitStack() as opened:
+        conn = opened.enter_context(psycopg.connect(**settings.pg_conninfo(), autocommit=True))  # type: ignore[arg-type]
+        # A client for each target store the pairs reconcile with, and only those.
+        clients = {
+            name: opened.enter_context(TARGETS[name].connect(settings)) for name in dict.fromkeys(t for _, t in pairs)
+        }
+        for outcome in reconcile_pairs(Connections(conn, clients), pairs, request, on_progress=say):
+            result = outcome.result
+            if result is None or outcome.repair_refused:
+                click.echo(f"error: {outcome.error or outcome.repair_refused}", err=True)
+                return EXIT_ERROR
+            outcomes.append(outcome)
+            report = result.as_dict()
+            if outcome.reconcile_id is not None:
+                report["reconcile_id"] = outcome.reconcile_id
+            if not as_json:
+                _print_result(result)
+            if outcome.repair is not None:
+                report["repair"] = outcome.repair.as_dict()
+                if not as_json:
+                    repaired = outcome.repair
+                    state = "verified clean" if repaired.verified else f"{len(repaired.still_different)} still differ"
+                    click.echo(f"  repaired {repaired.requested} key(s) at LSN {repaired.snapshot_lsn}: {state}")
+            reports.append(report)
+    if output is not None:
+        frame = differences_frame(outcomes)
+        export_differences(frame, output)
+        if not as_json:
+            click.echo(f"{len(frame)} differing key(s) written to {output}")
+    if as_json:
+        click.echo(json.dumps(reports, indent=2))
+    return 1 if any(o.remaining_drift for o in outcomes) else 0
+
+
+# --- env --------------------------------------------------------------------------------------------------------
+@cli.command()
+@pass_settings
+def env(settings: Settings) -> int:
+    """Print `export` lines for the settings and DAGSTER_HOME: `eval "$(knowton env)"` before dagster commands."""
+    values = settings.export_env(include_secrets=True)
+    values["DAGSTER_HOME"] = str(settings.dagster_home)
+    for k, v in sorted(values.items()):
+        click.echo(f"export {k}={shlex.quote(v)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="knowton", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    st = sub.add_parser("stack", help="the local stack: up | down | status | logs")
-    st.add_argument("action", choices=["up", "down", "status", "logs"])
-    st.add_argument("components", nargs="*", help="postgres, kafka, connect, elasticsearch (default: all)")
-    st.add_argument("--json", action="store_true", help="status: machine-readable output")
-    st.add_argument("-n", "--lines", type=int, default=40, help="logs: how many lines per component")
-    st.set_defaults(func=_stack_cmd)
-
-    sc = sub.add_parser("schema", help="apply the PostgreSQL, ClickHouse and Elasticsearch schemas (idempotent)")
-    sc.add_argument("action", choices=["apply"])
-    sc.add_argument("stores", nargs="*", help="postgres, clickhouse, elasticsearch (default: all)")
-    sc.set_defaults(func=_schema_cmd)
-
-    co = sub.add_parser("connectors", help="Kafka Connect connectors from connectors/*.json")
-    co.add_argument("action", choices=["deploy", "status"])
-    co.add_argument("--dry-run", action="store_true", help="deploy: report what would change, change nothing")
-    co.add_argument("--json", action="store_true")
-    co.set_defaults(func=_connectors_cmd)
-
-    se = sub.add_parser("seed", help="load deterministic demo data into PostgreSQL (COPY)")
-    se.add_argument("--users", type=int, default=10_000)
-    se.add_argument("--contents", type=int, default=20_000)
-    se.add_argument("--purchases", type=int, default=100_000)
-    se.add_argument("--seed", type=int, default=42)
-    se.add_argument("--replace", action="store_true", help="truncate the tables first")
-    se.add_argument("--if-empty", action="store_true", help="do nothing when the tables already hold data")
-    se.add_argument("--quiet", action="store_true", help="no progress bar")
-    se.set_defaults(func=_seed_cmd)
-
-    sy = sub.add_parser("sync", help="apply CDC events to ClickHouse and Elasticsearch (the worker)")
-    sy.add_argument("action", choices=["run"])
-    sy.add_argument("--once", action="store_true", help="stop when caught up instead of running until stopped")
-    sy.add_argument("--batch-size", type=int, default=2000)
-    sy.set_defaults(func=_sync_cmd)
-
-    rc = sub.add_parser(
-        "reconcile",
-        help="compare tables with their ClickHouse mirrors and search indices: exit 0 clean, 1 drift, 2 error",
-        description=(
-            "Compare PostgreSQL with ClickHouse and Elasticsearch and list the exact differing keys. Exit code 0: "
-            "clean; 1: drift found (with --repair: drift that repair did not fix); 2: error, no verdict."
-        ),
-    )
-    rc.add_argument("--table", default="all", help="User, Content, Purchase, user_activity, content_sales_daily or all")
-    rc.add_argument("--target", default="all", help="clickhouse, elasticsearch or all (default)")
-    how = rc.add_mutually_exclusive_group()
-    how.add_argument("--full", action="store_true", help="also stream and hash every search document")
-    how.add_argument("--incremental", action="store_true", help="only rows changed in the last --window-minutes")
-    rc.add_argument("--window-minutes", type=float, default=60.0, help="incremental window (plus a 5 min margin)")
-    rc.add_argument("--threshold", type=int, default=256, help="segment size compared row by row")
-    rc.add_argument("--settle", type=float, default=5.0, help="seconds before differences are re-checked (0: never)")
-    rc.add_argument(
-        "--stuck",
-        type=float,
-        default=60.0,
-        help="a key whose source changes while its target stands still this many seconds is reported as lagging",
-    )
-    rc.add_argument("--repair", action="store_true", help="re-sync the differing keys from PostgreSQL and re-verify")
-    rc.add_argument("--max-repair-keys", type=int, default=10_000, help="refuse to repair more keys than this")
-    rc.add_argument("--no-record", action="store_true", help="do not store the result in ops.reconcile_runs")
-    rc.add_argument("--json", action="store_true", help="machine-readable report on stdout")
-    rc.set_defaults(func=_reconcile_cmd)
-
-    en = sub.add_parser("env", help="print `export` lines for the settings (for dagster commands)")
-    en.set_defaults(func=_env_cmd)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: the process's); return its exit code."""
     from knowton_pipeline.catalog import UnknownTableError
     from knowton_pipeline.lib.clickhouse import ClickHouseLockedError
     from knowton_pipeline.stack.components import StackError
 
-    args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:
-        settings = Settings.from_env()
-        return args.func(args, settings)
-    except (SettingsError, StackError, ClickHouseLockedError, UnknownTableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"interrupted after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="knowton", standalone_mode=False)
+        return int(code or 0)
+    except click.ClickException as exc:  # a usage error: the message and the usage line, exit 2
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo(f"interrupted after {time.monotonic() - t0:.1f} s", err=True)
         return 130
+    except (SettingsError, StackError, ClickHouseLockedError, UnknownTableError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_ERROR
     except Exception as exc:  # a store that is down, a bad file: one clear line, not a traceback
         from knowton_pipeline.lib.errors import describe_error
 
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        click.echo(f"error: {describe_error(exc)}", err=True)
         return EXIT_ERROR
 
 

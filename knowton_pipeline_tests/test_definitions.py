@@ -135,7 +135,7 @@ def test_sensors_snapshot() -> None:
 
 
 def test_dagster_yaml_keeps_clickhouse_runs_from_overlapping_and_stores_runs_in_postgres() -> None:
-    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((PROJECT_ROOT / "config" / "dagster.yaml").read_text())
     assert config["concurrency"]["pools"] == {"granularity": "run", "default_limit": 1}
     assert config["storage"]["postgres"]["postgres_db"]["password"] == {"env": "KNOWTON_PG_PASSWORD"}
 

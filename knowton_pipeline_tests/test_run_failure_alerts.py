@@ -10,7 +10,7 @@ from knowton_pipeline.definitions import defs
 from knowton_pipeline.defs.alerts.sensors import run_failure_alert_sensor
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource, build_resources
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.alert_receiver import Receiver
+from knowton_pipeline_tests.helpers import Receiver
 
 
 def _fail(
@@ -44,13 +44,13 @@ def _sense(result: dg.ExecuteInProcessResult, instance: dg.DagsterInstance, rece
 
 def test_a_failed_run_is_alerted_with_its_job_and_message(stack: Stack, receiver: Receiver) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    result = _fail("reconcile", "reconcile_stores", {"mode": "sideways"}, instance)
+    result = _fail("reconcile", "reconcile_stores", {"tables": ["Nope"]}, instance)
     _sense(result, instance, receiver)
     assert len(receiver.received) == 1
     posted = receiver.received[0]
     assert "Run of reconcile failed" in posted["text"]
     detail = posted["attachments"][0]
-    assert "reconcile_stores: " in detail["text"] and "unknown mode 'sideways'" in detail["text"]  # step and why
+    assert "reconcile_stores: " in detail["text"] and "unknown table 'Nope'" in detail["text"]  # step and why
     fields = {f["title"]: f["value"] for f in detail["fields"]}
     assert fields == {"run": result.run_id, "job": "reconcile"}
 

@@ -11,8 +11,11 @@ $knowton connectors deploy
 # Seeds once; on later starts the data is kept (`knowton seed --replace` reseeds).
 $knowton seed --if-empty
 eval "$($knowton env)"
+# The project's virtualenv, active: `dg` checks that it runs the project's own environment.
+export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 # Runs that open the embedded ClickHouse share the pool "clickhouse"; setting its limit before the
 # daemon starts closes the window in which the first two queued runs could both be launched.
-.venv/bin/dagster instance concurrency set clickhouse 1 >/dev/null
+dagster instance concurrency set clickhouse 1 >/dev/null
 echo "Dagster UI: http://127.0.0.1:${KNOWTON_DAGSTER_PORT}  (Ctrl-C stops the UI; 'knowton stack down' stops the stack)"
-exec .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p "${KNOWTON_DAGSTER_PORT}"
+# `dg dev` loads the project's code location (pyproject.toml, [tool.dg]) on the instance in DAGSTER_HOME.
+exec dg dev -h 127.0.0.1 -p "${KNOWTON_DAGSTER_PORT}"

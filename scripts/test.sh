@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# One command for the tests: set up, start the real stack, lint, run pytest, and stop the stack
+# One command for the tests: set up, start the tests' own stack, lint, run pytest, and stop that stack
 # again if this script started it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 bash scripts/setup.sh
+# The tests' stack: home .knowton/test, ports 15432, 19092, ... (each default plus 10000), the jars shared
+# with the demo's home. The demo's stack and data are never touched, and both stacks can run at once.
+test_env=$(.venv/bin/python -m knowton_pipeline_tests.stack_home)
+eval "$test_env"
 knowton=.venv/bin/knowton
 started_here=0
 if ! $knowton stack status >/dev/null 2>&1; then

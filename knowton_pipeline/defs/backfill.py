@@ -7,8 +7,8 @@ import dagster as dg
 
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.defs.resources import PostgresResource
+from knowton_pipeline.lib.stores import Writer
 from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
 
 
 def days_in(window: dg.TimeWindow) -> list[datetime]:
@@ -23,7 +23,7 @@ def run_backfill(
     context: dg.AssetExecutionContext,
     postgres: PostgresResource,
     table: SyncedTable,
-    writer: ClickHouseWriter | ElasticsearchWriter,
+    writer: Writer,
     after_each_day: Callable[[], object] | None = None,
 ) -> dg.MaterializeResult:
     """Backfill every day of the run's partition range, each in its own consistent snapshot.

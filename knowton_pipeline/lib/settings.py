@@ -14,6 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The Dagster instance's config, linked into DAGSTER_HOME. Not at the repository root: `dg dev` runs there and
+# warns that a dagster.yaml in its folder "will not be used" whenever DAGSTER_HOME is another folder.
+DAGSTER_YAML = PROJECT_ROOT / "config" / "dagster.yaml"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -73,16 +76,16 @@ def _check(name: str, raw: str) -> str:
     spec = SPECS[name]
     value = raw.strip()
     if spec.kind == "port":
-        if not value.isdigit() or not 1 <= int(value) <= 65535:
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
             raise SettingsError(f"{name} must be a TCP port number between 1 and 65535, got {raw!r} ({spec.help})")
     elif spec.kind == "int":
-        if not value.isdigit() or int(value) <= 0:
+        if not (value.isascii() and value.isdigit()) or int(value) <= 0:
             raise SettingsError(f"{name} must be a positive whole number, got {raw!r} ({spec.help})")
     elif spec.kind == "secret-url":
         if not value.startswith(("http://", "https://")):
             raise SettingsError(f"{name} must be an http:// or https:// URL ({spec.help})")
     elif spec.kind == "heap":
-        if not (value[:-1].isdigit() and value[-1].lower() in "mg"):
+        if not (value.isascii() and value[:-1].isdigit() and value[-1].lower() in "mg"):
             raise SettingsError(f"{name} must be a JVM heap size such as 512m or 1g, got {raw!r} ({spec.help})")
     elif not value:
         raise SettingsError(f"{name} must not be empty ({spec.help})")
@@ -186,13 +189,16 @@ class Settings:
 
     @property
     def dagster_home(self) -> Path:
-        """DAGSTER_HOME: a folder under the stack's home whose dagster.yaml links to the project's."""
+        """DAGSTER_HOME: a folder under the stack's home whose dagster.yaml links to the project's (DAGSTER_YAML)."""
         home = self.home / "dagster"
         link = home / "dagster.yaml"
-        if not link.is_symlink():
+        if not (link.is_symlink() and Path(os.readlink(link)) == DAGSTER_YAML):
+            # A link made elsewhere, or to the file's earlier place, is replaced atomically.
             home.mkdir(parents=True, exist_ok=True)
-            link.unlink(missing_ok=True)
-            link.symlink_to(PROJECT_ROOT / "dagster.yaml")
+            fresh = home / f".dagster.yaml.{os.getpid()}"
+            fresh.unlink(missing_ok=True)
+            fresh.symlink_to(DAGSTER_YAML)
+            os.replace(fresh, link)
         return home
 
     @property

@@ -1,5 +1,6 @@
-"""The one transform per target (DESIGN.md principle 2): a PostgreSQL row becomes a ClickHouse mirror row or an
-Elasticsearch document here, whether it came from the CDC stream, a backfill or a DLQ replay.
+"""The one transform per target (docs/architecture.md, "Where things live"): a PostgreSQL row becomes a
+ClickHouse mirror row or an Elasticsearch document here, whether it came from the CDC stream, a backfill or a
+DLQ replay.
 """
 
 from __future__ import annotations

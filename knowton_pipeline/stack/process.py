@@ -55,15 +55,6 @@ def pid_alive(pid: int, marker: str | None = None) -> bool:
     return marker in cmdline or cwd.startswith(marker)
 
 
-def processes_mentioning(marker: str) -> list[int]:
-    """Pids of live processes whose command line mentions `marker` (used to prove `down` left nothing)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and pid_alive(int(entry.name), marker):
-            found.append(int(entry.name))
-    return found
-
-
 def user_ids(user: str | None) -> tuple[int, int] | None:
     if user is None:
         return None

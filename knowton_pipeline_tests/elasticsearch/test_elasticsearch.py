@@ -9,7 +9,7 @@ import elasticsearch
 import pytest
 from elasticsearch import BadRequestError, Elasticsearch
 
-from knowton_pipeline.lib.schema import elasticsearch_templates
+from knowton_pipeline.lib.stores.elasticsearch import templates as elasticsearch_templates
 from knowton_pipeline.stack.manager import Stack
 
 

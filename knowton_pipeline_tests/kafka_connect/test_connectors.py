@@ -13,7 +13,7 @@ from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.connectors import ConnectorConfigError, load_connector_configs
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.conftest import CDC_CONNECTOR
+from knowton_pipeline_tests.helpers import CDC_CONNECTOR
 
 
 def test_cdc_connector_and_its_task_are_running(stack: Stack, connect_client: KafkaConnectClient) -> None:

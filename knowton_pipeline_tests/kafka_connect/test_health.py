@@ -19,6 +19,7 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
 from knowton_pipeline.defs.kafka_connect.health import (
+    ConnectorHealthCursor,
     ConnectorHealthPolicy,
     connector_health_sensor,
     evaluate,
@@ -30,9 +31,7 @@ from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.alert_receiver import Receiver
-from knowton_pipeline_tests.conftest import wait_for
-from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_user
+from knowton_pipeline_tests.helpers import Receiver, ch_row, es_source, insert_user, wait_for
 
 
 def tick(settings: Settings, receiver: Receiver, cursor: str | None, **policy: Any) -> tuple[dg.SensorResult, float]:
@@ -106,7 +105,7 @@ def _failed(trace: str = "org.postgresql.util.PSQLException: FATAL: role is not 
 
 def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted() -> None:
     policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)
-    state: dict[str, Any] = {}
+    state = ConnectorHealthCursor()
     requested, alerts = [], []
     for now in (0, 1, 10, 15, 30, 69, 70, 500, 501):
         runs, sent, _ = evaluate(_failed(), state, policy, float(now), throttle_seconds=600)
@@ -115,8 +114,8 @@ def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted
     # Attempts at 0, 10 (after 10 s), 30 (after 20 s); the fourth would be due at 70 but the cap is 3.
     assert [t for t, _ in requested] == [0, 10, 30]
     assert all(names == [CDC_CONNECTOR] for _, names in requested)
-    entry = state["connectors"][CDC_CONNECTOR]
-    assert entry["attempts"] == 3 and "not permitted to log in" in entry["last_trace"]
+    entry = state.connectors[CDC_CONNECTOR]
+    assert entry.attempts == 3 and "not permitted to log in" in (entry.last_trace or "")
     assert [(t, s) for t, s, _, _ in alerts] == [(70, "error")]  # once, when the last backoff ran out
     assert "still FAILED after 3 restart(s)" in alerts[0][2]
     assert alerts[0][3].startswith("org.postgresql.util.PSQLException: FATAL: role is not permitted to log in")
@@ -124,21 +123,21 @@ def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted
     assert [a.severity for a in sent] == ["recovery"]
     # The attempts count from zero once it has stayed RUNNING for healthy_seconds (60 by default).
     evaluate(_healthy(), state, policy, 630.0, throttle_seconds=600)
-    assert state["connectors"][CDC_CONNECTOR]["attempts"] == 3
+    assert state.connectors[CDC_CONNECTOR].attempts == 3
     evaluate(_healthy(), state, policy, 660.0, throttle_seconds=600)
-    assert state["connectors"][CDC_CONNECTOR]["attempts"] == 0
+    assert state.connectors[CDC_CONNECTOR].attempts == 0
 
 
 def test_a_task_that_runs_briefly_between_failures_still_reaches_the_cap_and_alerts() -> None:
     """A persisting fault: each restart runs for a few seconds, and a tick may land in one of them."""
     policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)
-    state: dict[str, Any] = {}
+    state = ConnectorHealthCursor()
     requested, alerts = 0, []
     for now, health in [(0, _failed()), (12, _healthy()), (15, _failed()), (31, _healthy()), (40, _failed())]:
         runs, sent, _ = evaluate(health, state, policy, float(now), throttle_seconds=600)
         requested += len(runs)
         alerts += [(now, a.severity) for a in sent]
-    assert requested == 3 and state["connectors"][CDC_CONNECTOR]["attempts"] == 3
+    assert requested == 3 and state.connectors[CDC_CONNECTOR].attempts == 3
     runs, sent, _ = evaluate(_failed(), state, policy, 80.0, throttle_seconds=600)  # the last backoff ran out
     assert runs == [] and [a.severity for a in sent] == ["error"]
 
@@ -313,25 +312,25 @@ def _one(health: ConnectorHealth) -> ConnectHealth:
 def test_a_connector_deleted_and_deployed_again_starts_from_a_fresh_entry() -> None:
     policy = ConnectorHealthPolicy(max_restarts=2, backoff_seconds=100)
     failed = ConnectorHealth("scratch", "RUNNING", [TaskState(0, "FAILED", None, "java.lang.IllegalStateException")])
-    state: dict[str, Any] = {}
+    state = ConnectorHealthCursor()
     for now in (0.0, 100.0, 300.0):  # two restarts, then alerted when the second backoff ran out
         evaluate(_one(failed), state, policy, now, throttle_seconds=600)
-    assert state["connectors"]["scratch"]["attempts"] == 2 and "connector:scratch:failed" in state["alerts"]
+    assert state.connectors["scratch"].attempts == 2 and "connector:scratch:failed" in state.alerts
     # Deleted: its entry and its alert go, the alert with an ending message.
     _, sent, _ = evaluate(ConnectHealth(True, None, {}), state, policy, 310.0, throttle_seconds=600)
-    assert "scratch" not in state["connectors"] and "connector:scratch:failed" not in state["alerts"]
+    assert "scratch" not in state.connectors and "connector:scratch:failed" not in state.alerts
     assert [a.title for a in sent] == ["Ended: connector scratch was deleted from Kafka Connect"]
     # Deployed again, failing at once: restarted at once, attempts counted from one, no old backoff.
     runs, sent, _ = evaluate(_one(failed), state, policy, 320.0, throttle_seconds=600)
     assert [r.tags["knowton/restart-attempt"] for r in runs] == ["1"] and sent == []
-    assert state["connectors"]["scratch"]["attempts"] == 1
+    assert state.connectors["scratch"].attempts == 1
 
 
 def test_a_connector_deployed_again_with_another_config_between_two_ticks_starts_afresh() -> None:
     policy = ConnectorHealthPolicy(max_restarts=1, backoff_seconds=100)
     trace = "java.lang.IllegalStateException"
     old = ConnectorHealth("scratch", "RUNNING", [TaskState(0, "FAILED", None, trace)], config_digest="a")
-    state: dict[str, Any] = {}
+    state = ConnectorHealthCursor()
     for now in (0.0, 100.0):
         runs, sent, _ = evaluate(_one(old), state, policy, now, throttle_seconds=600)
     assert runs == [] and [a.severity for a in sent] == ["error"]  # restarts ran out: alerted
@@ -339,4 +338,4 @@ def test_a_connector_deployed_again_with_another_config_between_two_ticks_starts
     runs, sent, _ = evaluate(_one(new), state, policy, 110.0, throttle_seconds=600)
     assert [r.tags["knowton/restart-attempt"] for r in runs] == ["1"]
     assert [a.title for a in sent] == ["Ended: connector scratch was deployed again with another config"]
-    assert state["connectors"]["scratch"]["attempts"] == 1 and state["connectors"]["scratch"]["config_digest"] == "b"
+    assert state.connectors["scratch"].attempts == 1 and state.connectors["scratch"].config_digest == "b"

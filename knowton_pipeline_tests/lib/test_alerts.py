@@ -22,7 +22,7 @@ from knowton_pipeline.lib.health.alerts import (
     LogChannel,
     WebhookChannel,
 )
-from knowton_pipeline_tests.alert_receiver import Receiver
+from knowton_pipeline_tests.helpers import Receiver
 
 THROTTLE = 100.0
 

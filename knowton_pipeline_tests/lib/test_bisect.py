@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect as _bisect
 import random
+from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,11 +12,30 @@ from hypothesis import strategies as st
 from knowton_pipeline.lib.reconcile.bisect import (
     Checksum,
     Differences,
+    Key,
     Segment,
     find_differences,
-    in_segment,
-    quantile_points,
 )
+
+
+def in_segment(sorted_keys: Sequence[Key], seg: Segment) -> Sequence[Key]:
+    """The slice of already sorted keys that falls in `seg`."""
+    lo = 0 if seg.lo is None else _bisect.bisect_left(sorted_keys, seg.lo)
+    hi = len(sorted_keys) if seg.hi is None else _bisect.bisect_left(sorted_keys, seg.hi)
+    return sorted_keys[lo:hi]
+
+
+def quantile_points(sorted_keys: Sequence[Key], parts: int) -> list[Key]:
+    """`parts - 1` split points taken evenly from already sorted keys (duplicates removed)."""
+    if parts < 2 or len(sorted_keys) < 2:
+        return []
+    step = len(sorted_keys) / parts
+    points = [sorted_keys[int(step * i)] for i in range(1, parts)]
+    out: list[Key] = []
+    for p in points:
+        if not out or p != out[-1]:
+            out.append(p)
+    return out
 
 
 class Side:

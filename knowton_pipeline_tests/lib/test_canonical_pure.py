@@ -22,25 +22,27 @@ from knowton_pipeline.lib.canonical import (
     INVALID,
     NULL,
     SEPARATOR,
-    canonical_from_es_source,
     canonical_from_row,
     canonical_json_value,
-    clickhouse_segment_checksum_sql,
-    clickhouse_segment_rows_sql,
     column_names,
-    enrichment_from_es_source,
-    es_hash_fields,
-    es_segment_query,
-    es_source_fields,
     json_number,
-    postgres_segment_checksum_sql,
-    python_segment_checksum,
-    row_from_es_source,
     row_hash,
     segment_parameters,
 )
 from knowton_pipeline.lib.debezium import decode_row, encode_row_like_debezium
+from knowton_pipeline.lib.stores.clickhouse import segment_checksum_sql as clickhouse_segment_checksum_sql
+from knowton_pipeline.lib.stores.clickhouse import segment_rows_sql as clickhouse_segment_rows_sql
+from knowton_pipeline.lib.stores.elasticsearch import (
+    canonical_from_es_source,
+    enrichment_from_es_source,
+    es_hash_fields,
+    es_segment_query,
+    es_source_fields,
+    row_from_es_source,
+)
+from knowton_pipeline.lib.stores.postgres import segment_checksum_sql as postgres_segment_checksum_sql
 from knowton_pipeline.lib.transform import canonical_json, to_es_document
+from knowton_pipeline_tests.helpers import python_segment_checksum, sources_checksum
 from knowton_pipeline_tests.lib.test_debezium import (
     FIXED_ROWS,
     NASTY_TEXT,
@@ -316,17 +318,17 @@ def test_a_search_document_reads_back_to_the_row_it_was_written_from(document: t
     synced, row, enrichment = document
     written = to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT, enrichment=enrichment)
     source = json.loads(json.dumps(written))
-    expected = canonical_from_row(synced, row, target="elasticsearch", enrichment=enrichment)
+    expected = canonical_from_row(synced, row, shape="document", enrichment=enrichment)
     assert canonical_from_es_source(synced, source) == expected
     read_back = canonical_from_row(
         synced,
         row_from_es_source(synced, source),
-        target="elasticsearch",
+        shape="document",
         enrichment=enrichment_from_es_source(synced, source),
     )
     assert read_back == expected
     # An enriched row (as the enriched query returns it) carries its derived fields itself.
-    assert canonical_from_row(synced, {**row, **enrichment}, target="elasticsearch") == expected
+    assert canonical_from_row(synced, {**row, **enrichment}, shape="document") == expected
 
 
 @given(documents(CONTENT), enrichments(CONTENT))
@@ -334,14 +336,14 @@ def test_derived_fields_are_spelled_alike_by_python_and_from_the_document_and_to
     document: tuple[SyncedTable, dict, dict], other: dict[str, Any]
 ) -> None:
     _, row, enrichment = document
-    names = column_names(CONTENT, "elasticsearch")
+    names = column_names(CONTENT, "document")
     assert names[-len(CONTENT.derived) :] == [f.name for f in CONTENT.derived]
     source = json.loads(json.dumps(to_es_document(CONTENT, row, version=1, deleted=False, indexed_at=INDEXED_AT)))
-    python = canonical_from_row(CONTENT, row, target="elasticsearch", enrichment=other).split(SEPARATOR)
+    python = canonical_from_row(CONTENT, row, shape="document", enrichment=other).split(SEPARATOR)
     from_es = canonical_from_es_source(CONTENT, {**source, **other}).split(SEPARATOR)
     assert python == from_es
     # Two enrichments spell alike exactly when they are equal (NULL, '' and '\N' usernames are three values).
-    mine = canonical_from_row(CONTENT, row, target="elasticsearch", enrichment=enrichment).split(SEPARATOR)
+    mine = canonical_from_row(CONTENT, row, shape="document", enrichment=enrichment).split(SEPARATOR)
     differing = [n for n, a, b in zip(names, mine, python, strict=True) if a != b]
     assert differing == [f.name for f in CONTENT.derived if enrichment[f.name] != other[f.name]]
 
@@ -374,7 +376,7 @@ def test_a_document_written_without_its_derived_fields_is_invalid_in_them() -> N
     plain = to_es_document(CONTENT, FIXED_ROWS["Content"], version=1, deleted=False, indexed_at=INDEXED_AT)
     assert canonical_from_es_source(CONTENT, plain).split(SEPARATOR)[-2:] == [INVALID, INVALID]
     with pytest.raises(KeyError):
-        canonical_from_row(CONTENT, FIXED_ROWS["Content"], target="elasticsearch")
+        canonical_from_row(CONTENT, FIXED_ROWS["Content"], shape="document")
 
 
 @pytest.mark.parametrize(
@@ -400,7 +402,7 @@ def test_a_hand_edited_document_is_spelled_invalid_not_an_error(field: str, valu
     spelled = canonical_from_es_source(CONTENT, {**source, field: value})
     assert spelled.split(SEPARATOR).count(INVALID) == 1
     assert spelled != canonical_from_row(
-        CONTENT, FIXED_ROWS["Content"], target="elasticsearch", enrichment=CONTENT_ENRICHMENT
+        CONTENT, FIXED_ROWS["Content"], shape="document", enrichment=CONTENT_ENRICHMENT
     )
     read = enrichment_from_es_source if field in CONTENT_ENRICHMENT else row_from_es_source
     with pytest.raises(ValueError, match=r"Content\."):
@@ -419,7 +421,7 @@ def test_segment_checksum_over_search_documents_skips_tombstones() -> None:
     row = FIXED_ROWS["User"]
     live = to_es_document(USER, row, version=1, deleted=False, indexed_at=INDEXED_AT)
     tombstone = to_es_document(USER, {"address": "0xgone"}, version=2, deleted=True, indexed_at=INDEXED_AT)
-    assert python_segment_checksum(USER, [live, tombstone], es_sources=True) == python_segment_checksum(USER, [row])
+    assert sources_checksum(USER, [live, tombstone]) == python_segment_checksum(USER, [row])
     assert python_segment_checksum(USER, []) == (0, 0)
 
 
@@ -451,12 +453,12 @@ def test_segment_queries_take_parameters_and_quote_identifiers() -> None:
     assert open_ended.endswith("WHERE true") and 'ops.canonical_jsonb("t"."metadata")' in open_ended
 
     # A search document's derived fields are computed by the catalog's definition, identifiers quoted.
-    search = postgres_segment_checksum_sql(CONTENT, target="elasticsearch").as_string(None)
+    search = postgres_segment_checksum_sql(CONTENT, shape="document").as_string(None)
     assert '(SELECT u."username" FROM "public"."User" AS u WHERE u."address" = "t"."creator")' in search
     assert 'FROM "public"."Purchase" AS p WHERE p."contentId" = "t"."id"' in search
     assert '"Purchase"' not in open_ended and '"User"' not in open_ended
     stand_in = postgres_segment_checksum_sql(
-        CONTENT, target="elasticsearch", sources={"User": sql.Identifier("ops", "scratch_user")}
+        CONTENT, shape="document", sources={"User": sql.Identifier("ops", "scratch_user")}
     ).as_string(None)
     assert 'FROM "ops"."scratch_user" AS u' in stand_in and '"public"."User"' not in stand_in
 

@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from knowton_pipeline.catalog import CDC_TABLES, TABLES, Column, SyncedTable, table
-from knowton_pipeline.lib.canonical import es_hash_fields
 from knowton_pipeline.lib.debezium import decode_event
 from knowton_pipeline.lib.settings import PROJECT_ROOT
+from knowton_pipeline.lib.stores.elasticsearch import es_hash_fields
 from knowton_pipeline.lib.transform import (
     EPOCH,
     canonical_json,

@@ -8,7 +8,7 @@ from knowton_pipeline.catalog import CDC_TABLES
 from knowton_pipeline.lib.schema import apply_postgres
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.conftest import wait_for
+from knowton_pipeline_tests.helpers import wait_for
 
 
 def test_check_cdc_health_and_replication_status_report_the_slot_active(stack: Stack, pg: psycopg.Connection) -> None:

@@ -25,9 +25,7 @@ from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, ApplyStats
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.alert_receiver import Receiver
-from knowton_pipeline_tests.conftest import wait_for
-from knowton_pipeline_tests.sync.conftest import insert_user
+from knowton_pipeline_tests.helpers import Receiver, insert_user, wait_for
 
 
 def _definitions(**thresholds: Any) -> dg.Definitions:

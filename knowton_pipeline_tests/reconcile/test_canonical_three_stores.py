@@ -31,28 +31,28 @@ from psycopg.types.json import Jsonb
 from knowton_pipeline.catalog import CDC_TABLES, Column, SyncedTable, table
 from knowton_pipeline.lib import clickhouse
 from knowton_pipeline.lib.canonical import (
-    Target,
-    canonical_from_es_source,
+    Shape,
     canonical_from_row,
     canonical_json_value,
-    clickhouse_segment_checksum,
-    clickhouse_segment_rows_sql,
-    enrichment_from_es_source,
-    es_segment_query,
-    es_source_fields,
-    key_of,
-    key_of_source,
-    postgres_derived_sql,
-    postgres_segment_checksum,
-    postgres_segment_rows_sql,
-    python_segment_checksum,
-    row_from_es_source,
     row_hash,
 )
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores.clickhouse import segment_checksum as clickhouse_segment_checksum
+from knowton_pipeline.lib.stores.clickhouse import segment_rows_sql as clickhouse_segment_rows_sql
+from knowton_pipeline.lib.stores.elasticsearch import (
+    canonical_from_es_source,
+    enrichment_from_es_source,
+    es_segment_query,
+    es_source_fields,
+    row_from_es_source,
+)
+from knowton_pipeline.lib.stores.postgres import derived_sql as postgres_derived_sql
+from knowton_pipeline.lib.stores.postgres import segment_checksum as postgres_segment_checksum
+from knowton_pipeline.lib.stores.postgres import segment_rows_sql as postgres_segment_rows_sql
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
 from knowton_pipeline.stack.manager import Stack
+from knowton_pipeline_tests.helpers import key_of, key_of_source, python_segment_checksum, sources_checksum
 from knowton_pipeline_tests.lib.test_debezium import NASTY_TEXT, column_values
 
 INDEXED_AT = datetime(2026, 11, 24, 5, 5, 33, tzinfo=UTC)
@@ -287,11 +287,11 @@ def write_everywhere(
 # Reading canonical rows back from each
 
 
-def postgres_rows(scratch: Scratch, synced: SyncedTable, target: Target = "clickhouse") -> dict[tuple, tuple[str, int]]:
+def postgres_rows(scratch: Scratch, synced: SyncedTable, shape: Shape = "mirror") -> dict[tuple, tuple[str, int]]:
     query = postgres_segment_rows_sql(
         synced,
         relation=scratch.relation(synced),
-        target=target,
+        shape=shape,
         sources=scratch.sources,
         lower_bound=False,
         upper_bound=False,
@@ -355,7 +355,7 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
         if synced.derived:
             assert postgres_enrichment(scratch, synced) == enrichment
         sources = es_sources(scratch, synced, es_segment_query(synced))
-        es_python = {key_of(synced, r): canonical_from_row(synced, r, target="elasticsearch") for r in enriched}
+        es_python = {key_of(synced, r): canonical_from_row(synced, r, shape="document") for r in enriched}
         assert_same(
             es_python,
             elasticsearch_source={key_of_source(synced, s): canonical_from_es_source(synced, s) for s in sources},
@@ -363,12 +363,12 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
                 key_of_source(synced, s): canonical_from_row(
                     synced,
                     row_from_es_source(synced, s),
-                    target="elasticsearch",
+                    shape="document",
                     enrichment=enrichment_from_es_source(synced, s),
                 )
                 for s in sources
             },
-            postgres_sql_for_search={k: v[0] for k, v in postgres_rows(scratch, synced, "elasticsearch").items()},
+            postgres_sql_for_search={k: v[0] for k, v in postgres_rows(scratch, synced, "document").items()},
         )
 
     # Segment checksums: [lo, hi) between two of the batch's keys, half-open and unbounded ones.
@@ -388,10 +388,10 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
         if synced.name in scratch.es_indices:
             keys_in = {key_of(synced, r) for r in in_segment}
             expected_es = python_segment_checksum(
-                synced, [r for r in enriched if key_of(synced, r) in keys_in], target="elasticsearch"
+                synced, [r for r in enriched if key_of(synced, r) in keys_in], shape="document"
             )
             searched = es_sources(scratch, synced, es_segment_query(synced, a, b))
-            assert python_segment_checksum(synced, searched, es_sources=True) == expected_es, bounds
+            assert sources_checksum(synced, searched) == expected_es, bounds
             assert (
                 postgres_segment_checksum(
                     scratch.pg,
@@ -399,7 +399,7 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
                     a,
                     b,
                     relation=scratch.relation(synced),
-                    target="elasticsearch",
+                    shape="document",
                     sources=scratch.sources,
                 )
                 == expected_es
@@ -408,9 +408,7 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
         # Tombstones come back without the query's filter too; the checksum itself skips them.
         everything = es_sources(scratch, synced)
         assert len(everything) == len(live) + 1
-        assert python_segment_checksum(synced, everything, es_sources=True) == python_segment_checksum(
-            synced, enriched, target="elasticsearch"
-        )
+        assert sources_checksum(synced, everything) == python_segment_checksum(synced, enriched, shape="document")
 
 
 @pytest.mark.parametrize("synced", CDC_TABLES, ids=lambda t: t.name)

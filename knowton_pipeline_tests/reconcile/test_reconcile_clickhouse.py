@@ -12,8 +12,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 from knowton_pipeline.cli import main
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.reconcile.conftest import Reconcile, new_keys
-from knowton_pipeline_tests.sync.conftest import insert_user, new_address, wait_for_cdc
+from knowton_pipeline_tests.helpers import Reconcile, insert_user, new_address, new_keys, wait_for_cdc
 
 
 def _copy_with(ch: ClickHouseClient, address: str, replace: str) -> None:
@@ -101,7 +100,7 @@ def test_store_down_mid_run_gives_an_error_and_no_verdict(settings, ch: ClickHou
             table("User"),
             "clickhouse",
             conn=conn,
-            clickhouse=ch,
+            client=ch,
             options=ReconcileOptions(threshold=8),
             on_progress=kill_source,
         )

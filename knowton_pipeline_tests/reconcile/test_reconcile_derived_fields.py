@@ -12,20 +12,20 @@ from elasticsearch import Elasticsearch
 from psycopg import sql
 
 from knowton_pipeline.catalog import table
-from knowton_pipeline.lib.canonical import (
-    ES_HASH_FIELD,
-    enrichment_from_es_source,
-    postgres_hash_sql,
-    row_from_es_source,
-)
 from knowton_pipeline.lib.reconcile.engine import ReconcileResult
 from knowton_pipeline.lib.reconcile.repair import RepairResult
 from knowton_pipeline.lib.reconcile.run import repair_result
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import WriteItem
+from knowton_pipeline.lib.stores.elasticsearch import (
+    ES_HASH_FIELD,
+    ElasticsearchWriter,
+    enrichment_from_es_source,
+    row_from_es_source,
+)
+from knowton_pipeline.lib.stores.postgres import hash_sql as postgres_hash_sql
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline.lib.sync.writers import ElasticsearchWriter, WriteItem
-from knowton_pipeline_tests.reconcile.conftest import Reconcile, new_keys
-from knowton_pipeline_tests.sync.conftest import insert_content, insert_purchase, insert_user
+from knowton_pipeline_tests.helpers import Reconcile, insert_content, insert_purchase, insert_user, new_keys
 
 CONTENT = table("Content")
 CONTENTS = "knowton-contents"
@@ -34,7 +34,7 @@ NOTHING_NEW: dict[str, Any] = {"missing": [], "extra": [], "different": {}}
 
 def _repair(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, result: ReconcileResult) -> RepairResult:
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
-        return repair_result(result, conn=conn, clickhouse=ch, es=es)
+        return repair_result(result, conn=conn, clients={"clickhouse": ch, "elasticsearch": es})
 
 
 def _source(es: Elasticsearch, content_id: int) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _edit_by_hand(es: Elasticsearch, content_id: int, **fields: Any) -> None:
 def _postgres_hashes(pg: psycopg.Connection, ids: list[int]) -> dict[int, int]:
     """The hash PostgreSQL computes for each Content row with its derived fields, as the search document has it."""
     query = sql.SQL("SELECT t.id, {hash} FROM {rel} AS t WHERE t.id = ANY(%s)").format(
-        hash=postgres_hash_sql(CONTENT, "t", target="elasticsearch"), rel=sql.Identifier(CONTENT.schema, CONTENT.name)
+        hash=postgres_hash_sql(CONTENT, "t", shape="document"), rel=sql.Identifier(CONTENT.schema, CONTENT.name)
     )
     return {r[0]: r[1] for r in pg.execute(query, (ids,)).fetchall()}
 

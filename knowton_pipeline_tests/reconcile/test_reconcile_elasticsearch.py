@@ -17,13 +17,14 @@ from knowton_pipeline.lib.aggregates import replace_day
 from knowton_pipeline.lib.reconcile.run import repair_result
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.reconcile.conftest import Reconcile, new_keys
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
+    Reconcile,
     insert_content,
     insert_purchase,
     insert_user,
     make_applier,
     new_address,
+    new_keys,
 )
 
 USERS = "knowton-users"
@@ -31,7 +32,7 @@ USERS = "knowton-users"
 
 def _repair(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, result):  # type: ignore[no-untyped-def]
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
-        return repair_result(result, conn=conn, clickhouse=ch, es=es)
+        return repair_result(result, conn=conn, clients={"clickhouse": ch, "elasticsearch": es})
 
 
 def test_an_edit_made_in_the_index_is_caught_by_the_full_mode_and_repaired(

@@ -11,7 +11,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 from knowton_pipeline.definitions import defs
 from knowton_pipeline.defs.resources import build_resources
-from knowton_pipeline_tests.sync.conftest import new_address
+from knowton_pipeline_tests.helpers import new_address
 
 USERS_MIRROR = dg.AssetKey(["clickhouse", "knowton", "users"])
 

@@ -12,10 +12,13 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import table
 from knowton_pipeline.lib.reconcile.bisect import Segment
-from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide, Side
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import Side
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
+from knowton_pipeline.lib.stores.elasticsearch import DocumentStreamSide, StoredHashSide
+from knowton_pipeline.lib.stores.postgres import PostgresSide
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.sync.conftest import insert_content, insert_user
+from knowton_pipeline_tests.helpers import insert_content, insert_user
 
 
 @pytest.mark.parametrize("name", ["User", "Content"])
@@ -36,11 +39,11 @@ def test_split_checksums_match_the_checksums_of_each_part(
     t = table(name)
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         sides: list[Side] = [
-            PostgresSide(conn, t, target="clickhouse"),
+            PostgresSide(conn, t, shape="mirror"),
             ClickHouseSide(ch, t),
-            PostgresSide(conn, t, target="elasticsearch"),
-            ElasticsearchSide(es, t),
-            ElasticsearchSide(es, t, documents=True),
+            PostgresSide(conn, t, shape="document"),
+            StoredHashSide(es, t),
+            DocumentStreamSide(es, t),
         ]
         for side in sides:
             whole = side.checksum(Segment())

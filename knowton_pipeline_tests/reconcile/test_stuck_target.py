@@ -11,8 +11,7 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.reconcile.conftest import Reconcile
-from knowton_pipeline_tests.sync.conftest import insert_user
+from knowton_pipeline_tests.helpers import Reconcile, insert_user
 
 
 def test_a_key_updated_every_2_s_while_the_apply_is_stopped_is_reported_as_lagging(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from knowton_pipeline.lib.settings import PROJECT_ROOT, SPECS, Settings
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline.stack.process import processes_mentioning
+from knowton_pipeline_tests.helpers import processes_mentioning
 
 KNOWTON = [sys.executable, "-m", "knowton_pipeline.cli"]
 
@@ -36,7 +36,7 @@ def scratch_env(home: Path, offset: int) -> dict[str, str]:
 
 
 def test_status_json_reports_every_component_running_with_its_address(stack: Stack, settings: Settings) -> None:
-    result = run_knowton("stack", "status", "--json", env={"KNOWTON_HOME": str(settings.home)})
+    result = run_knowton("stack", "status", "--json", env=settings.export_env(include_secrets=False))
     assert result.returncode == 0, result.stderr
     by_name = {c["name"]: c for c in json.loads(result.stdout)}
     assert set(by_name) == {"postgres", "kafka", "connect", "elasticsearch", "clickhouse"}
@@ -51,7 +51,7 @@ def test_status_json_reports_every_component_running_with_its_address(stack: Sta
 
 def test_up_twice_leaves_the_same_single_stack(stack: Stack, settings: Settings) -> None:
     before = {s.name: s.pid for s in stack.status()}
-    result = run_knowton("stack", "up", env={"KNOWTON_HOME": str(settings.home)})
+    result = run_knowton("stack", "up", env=settings.export_env(include_secrets=False))
     assert result.returncode == 0, result.stderr
     after = {s.name: s.pid for s in stack.status()}
     assert before == after
@@ -113,7 +113,7 @@ def test_bad_knowton_setting_fails_fast_naming_the_variable(scratch_home: Path) 
 
 
 def test_logs_shows_each_components_log(stack: Stack, settings: Settings) -> None:
-    result = run_knowton("stack", "logs", "kafka", "-n", "5", env={"KNOWTON_HOME": str(settings.home)})
+    result = run_knowton("stack", "logs", "kafka", "-n", "5", env=settings.export_env(include_secrets=False))
     assert result.returncode == 0
     assert str(settings.home / "logs" / "kafka.log") in result.stdout
     assert len(result.stdout.strip().splitlines()) >= 2

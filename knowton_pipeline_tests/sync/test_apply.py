@@ -18,7 +18,7 @@ from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats, CdcApplier
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     ch_row,
     es_source,
     insert_content,

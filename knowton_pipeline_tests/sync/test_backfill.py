@@ -18,16 +18,12 @@ from knowton_pipeline.defs.clickhouse.mirrors import mirror_asset
 from knowton_pipeline.defs.elasticsearch.indices import index_asset
 from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import Prepared, WriteItem, WriteOutcome
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import backfill_range
-from knowton_pipeline.lib.sync.writers import (
-    ClickHouseWriter,
-    ElasticsearchWriter,
-    Prepared,
-    WriteItem,
-    WriteOutcome,
-)
-from knowton_pipeline_tests.sync.conftest import ch_row, es_source, insert_content, insert_user
+from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user
 
 USER = table("User")
 

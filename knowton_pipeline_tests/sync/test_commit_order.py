@@ -17,10 +17,11 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.catalog import table
 from knowton_pipeline.lib.debezium import decode_event
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import backfill_range
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     assert_reconciled,
     ch_row,
     es_source,

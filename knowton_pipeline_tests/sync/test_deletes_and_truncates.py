@@ -14,7 +14,7 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     assert_reconciled,
     ch_row,
     es_source,
@@ -169,7 +169,8 @@ def test_truncate_purchase_turns_its_rows_into_tombstones_that_a_stale_write_can
 
     # A stale write from before the truncate (a replay, a late backfill) is refused by the tombstone's version.
     from knowton_pipeline.catalog import table
-    from knowton_pipeline.lib.sync.writers import ClickHouseWriter, WriteItem
+    from knowton_pipeline.lib.stores import WriteItem
+    from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 
     stale_row = dict(zip(columns, next(r for r in kept if r[0] == purchases[0]), strict=True))
     ClickHouseWriter(ch).write([WriteItem(table("Purchase"), stale_row, old_versions[purchases[0]], False)])

@@ -13,8 +13,8 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline_tests.helpers import assert_reconciled, es_source, insert_content, insert_user
 from knowton_pipeline_tests.postgres.test_replication import _verdict, run_checks
-from knowton_pipeline_tests.sync.conftest import assert_reconciled, es_source, insert_content, insert_user
 
 
 def test_a_session_idle_in_transaction_neither_stalls_a_content_update_nor_goes_unnamed(

@@ -14,8 +14,7 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.lib.health.replication import applied_heartbeat
 from knowton_pipeline.lib.settings import Settings
-from knowton_pipeline_tests.postgres.test_replication import _verdict, run_checks
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     assert_reconciled,
     insert_content,
     insert_purchase,
@@ -23,6 +22,7 @@ from knowton_pipeline_tests.sync.conftest import (
     make_applier,
     wait_for_cdc,
 )
+from knowton_pipeline_tests.postgres.test_replication import _verdict, run_checks
 
 
 def test_a_data_topic_kept_behind_shows_in_the_lag_while_heartbeats_flow(

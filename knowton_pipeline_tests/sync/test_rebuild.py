@@ -19,10 +19,11 @@ from knowton_pipeline.catalog import table
 from knowton_pipeline.defs.elasticsearch.indices import rebuild_search_index
 from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import WriteItem
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.rebuild import next_index_name, rebuild_index
-from knowton_pipeline.lib.sync.writers import ElasticsearchWriter, WriteItem
-from knowton_pipeline_tests.sync.conftest import es_source, insert_user, new_address
+from knowton_pipeline_tests.helpers import es_source, insert_user, new_address
 
 USER = table("User")
 

@@ -16,7 +16,7 @@ from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.replay import DlqReplayer, ReplayConfig, ReplayStats, due_at_ms
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     ch_row,
     es_source,
     insert_user,
@@ -65,7 +65,7 @@ def test_reprocess_dlq_applies_a_record_once_its_cause_is_fixed(
         assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is not None  # ClickHouse was fine
     finally:
         # The fix: the alias back on the right index.
-        from knowton_pipeline.lib.schema import alias_body
+        from knowton_pipeline.lib.stores.elasticsearch import alias_body
 
         es.indices.update_aliases(
             actions=[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import dagster as dg
@@ -17,7 +18,7 @@ from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.replay import DlqReplayer, ReplayConfig
-from knowton_pipeline_tests.sync.conftest import insert_user, wait_for_cdc
+from knowton_pipeline_tests.helpers import insert_user, wait_for_cdc
 
 
 def test_cdc_lag_sensor_skips_when_caught_up_and_requests_apply_cdc_when_rows_wait(
@@ -35,7 +36,7 @@ def test_cdc_lag_sensor_skips_when_caught_up_and_requests_apply_cdc_when_rows_wa
         busy = cdc_lag_sensor(ctx)
         assert [r.run_key for r in busy.run_requests] == ["apply-cdc-8"]  # type: ignore[union-attr]
         assert int(busy.run_requests[0].tags["knowton/cdc_lag"]) >= 1  # type: ignore[index,union-attr]
-        assert busy.cursor == "8"
+        assert json.loads(busy.cursor or "") == {"requested": 8}  # "7" was the earlier format: carried over
     apply()
 
 

@@ -10,9 +10,11 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import table
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import WriteItem
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.positions import SourceBehindStoresError, check_source_not_behind, source_position
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, WriteItem
-from knowton_pipeline_tests.sync.conftest import make_applier, new_address
+from knowton_pipeline_tests.helpers import make_applier, new_address
 
 
 @pytest.mark.parametrize("store", ["clickhouse", "elasticsearch"])

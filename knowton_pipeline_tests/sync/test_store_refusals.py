@@ -13,9 +13,11 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.settings import Settings
-from knowton_pipeline.lib.sync import dlq, writers
+from knowton_pipeline.lib.stores.clickhouse import clickhouse_fault
+from knowton_pipeline.lib.stores.elasticsearch import elasticsearch_fault
+from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.sync.conftest import (
+from knowton_pipeline_tests.helpers import (
     assert_reconciled,
     ch_row,
     es_source,
@@ -102,7 +104,7 @@ def test_a_renamed_clickhouse_mirror_holds_a_single_row_batch_until_it_is_back(
     ],
 )
 def test_elasticsearch_errors_are_classified_by_cause(status: int, error_type: str, fault: str) -> None:
-    assert writers.elasticsearch_fault(status, error_type) == fault
+    assert elasticsearch_fault(status, error_type) == fault
 
 
 def test_clickhouse_server_errors_are_classified_by_cause(ch: ClickHouseClient) -> None:
@@ -114,6 +116,6 @@ def test_clickhouse_server_errors_are_classified_by_cause(ch: ClickHouseClient) 
         raise AssertionError("ClickHouse accepted it")
 
     missing = error_of(lambda: ch.insert("knowton.no_such_mirror", [[1]], column_names=["id"]))
-    assert writers.clickhouse_fault(missing) == "store"
+    assert clickhouse_fault(missing) == "store"
     bad_value = error_of(lambda: ch.insert("knowton.cdc_heartbeat", [["not an int"]], column_names=["id"]))
-    assert writers.clickhouse_fault(bad_value) == "row"
+    assert clickhouse_fault(bad_value) == "row"

@@ -2,19 +2,26 @@
 run-failure sensor never sees it), and for failed runs. Both go to the configured channels: the log, and
 the webhook of KNOWTON_ALERT_WEBHOOK_URL."""
 
-import json
 import time
 from typing import Any
 
 import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from pydantic import Field
 
+from knowton_pipeline.defs.cursors import AlertCursor
+from knowton_pipeline.defs.kafka_connect.health import restart_failed_connectors
 from knowton_pipeline.defs.resources import AlertsResource
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch, deliver
 
 DONE = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
-RESTART_JOB = "restart_failed_connectors"
 PLOTTED = ("differing_keys", "lag_seconds", "retained_wal_bytes", "source_rows", "target_rows")
+
+
+class CheckAlertCursor(AlertCursor):
+    """The cursor of `check_failure_alert_sensor`: per check, the id of the last evaluation it saw."""
+
+    seen: dict[str, int] = Field(default_factory=dict)
 
 
 def _evaluation(record: Any) -> Any:
@@ -41,9 +48,9 @@ def _fields(evaluation: Any, run_id: str) -> dict[str, str]:
     ),
 )
 def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertsResource) -> dg.SensorResult:
-    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
-    seen: dict[str, int] = state.setdefault("seen", {})
-    book = AlertBook.from_json(state.get("alerts"))
+    state = CheckAlertCursor.load(context)
+    seen = state.seen
+    book = AlertBook.from_json(state.alerts)
     keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=lambda k: k.to_user_string())  # type: ignore[union-attr]
     latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     dispatch = Dispatch(alerts.channels(context.log), context.log)
@@ -81,9 +88,9 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext, alerts: Aler
             sent += 1
         else:
             undelivered += 1
-    state["alerts"] = book.to_json()
+    state.alerts = book.to_json()
     return dg.SensorResult(
-        cursor=json.dumps(state, sort_keys=True),
+        cursor=state.dump(),
         skip_reason=(
             f"{new} new evaluation(s), {sent} message(s) sent"
             + (f", {undelivered} not delivered (tried again next tick)" if undelivered else "")
@@ -115,8 +122,8 @@ def _step_failure(event: dg.DagsterEvent) -> str:
 )
 def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
     run = context.dagster_run
-    if run.job_name == RESTART_JOB:
-        context.log.info(f"run {run.run_id} of {RESTART_JOB} failed; connector_health_sensor retries and alerts")
+    if run.job_name == restart_failed_connectors.name:
+        context.log.info(f"run {run.run_id} of {run.job_name} failed; connector_health_sensor retries and alerts")
         return
     steps = [f"{e.step_key}: {_step_failure(e)}" for e in context.get_step_failure_events()]
     message = "\n".join(steps) or context.failure_event.message or "no message"

@@ -16,7 +16,7 @@ def aggregate_key(agg: Aggregate) -> dg.AssetKey:
 
 
 def aggregate_asset(agg: Aggregate) -> dg.AssetsDefinition:
-    # The catalog says which tables feed which aggregate (DESIGN.md principle 1).
+    # The catalog says which tables feed which aggregate.
     sources = [t for t in TABLES if agg.name in t.feeds]
 
     @dg.asset(

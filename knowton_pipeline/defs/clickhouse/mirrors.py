@@ -7,7 +7,7 @@ from knowton_pipeline.defs.backfill import run_backfill
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
 from knowton_pipeline.defs.partitions import DAILY
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, PostgresResource
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 
 
 def mirror_key(t: SyncedTable) -> dg.AssetKey:

@@ -123,10 +123,15 @@ def dlq_sensor(
     waiting = sum(depths.get(t, 0) for t in dlq.TARGET_DLQ.values())
     if waiting == 0:
         return dg.SensorResult(asset_events=events, skip_reason="DLQs are empty")
-    in_flight = run_in_flight(context.instance, "reprocess_dlq")
+    in_flight = run_in_flight(context.instance, reprocess_dlq)
     if in_flight:
         return dg.SensorResult(asset_events=events, skip_reason=f"{waiting} waiting; replay run {in_flight} in flight")
-    request = next_run_request(context, "reprocess-dlq", {"knowton/dlq_depth": str(waiting)})
+    request = next_run_request(
+        context,
+        "reprocess-dlq",
+        {"knowton/dlq_depth": str(waiting)},
+        dg.RunConfig(ops={replay_dead_letters.name: ReprocessDlqConfig()}),
+    )
     return dg.SensorResult(asset_events=events, run_requests=request.run_requests, cursor=request.cursor)
 
 

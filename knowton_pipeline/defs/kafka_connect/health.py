@@ -6,15 +6,15 @@ one is due and the last failure trace, the count of ticks Connect did not answer
 A connector that is deleted, or deployed again with another config, starts over from a fresh entry.
 """
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from knowton_pipeline.catalog import CDC_TABLES
+from knowton_pipeline.defs.cursors import AlertCursor
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR, cdc_topic_key
 from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.connectors import load_connector_configs
@@ -27,7 +27,6 @@ from knowton_pipeline.lib.health.connect import (
 )
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient, KafkaConnectError
 
-RESTART_OP = "restart_connectors"
 OBSERVE_EVERY_SECONDS = 300.0  # states are observed on change, and at least this often
 
 
@@ -127,6 +126,28 @@ def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObserv
     return [dg.AssetObservation(asset_key=key, metadata=metadata) for key in topics]
 
 
+Signature = tuple[str, tuple[str, ...], int]  # connector state, task states, restart attempts
+
+
+class ConnectorEntry(BaseModel):
+    """What the sensor keeps about one deployed connector."""
+
+    attempts: int = 0  # restarts requested since it was last seen healthy for healthy_seconds
+    next_at: float = 0.0  # no restart before this time (epoch seconds): the backoff
+    last_trace: str | None = None
+    last_cause: str | None = None
+    config_digest: str | None = None  # of the config Connect runs: another one is a new deployment
+    running_since: float | None = None  # seen healthy on every tick since; None: not healthy at the last tick
+    observed: tuple[Signature, float] | None = None  # the states last recorded on the topic assets, and when
+
+
+class ConnectorHealthCursor(AlertCursor):
+    """The cursor of `connector_health_sensor`."""
+
+    unreachable_ticks: int = 0  # consecutive ticks Connect did not answer
+    connectors: dict[str, ConnectorEntry] = Field(default_factory=dict)
+
+
 CONNECTOR_ALERTS = ("failed", "config")  # alert keys `connector:<name>:<kind>` that live and die with a deployment
 
 
@@ -136,7 +157,7 @@ def _delivered(alert: Alert) -> bool:
 
 def evaluate(
     health: ConnectHealth,
-    state: dict[str, Any],
+    state: ConnectorHealthCursor,
     policy: ConnectorHealthPolicy,
     now: float,
     throttle_seconds: float,
@@ -146,7 +167,7 @@ def evaluate(
 
     Every message due is handed to `send`; only those it delivered are recorded as sent, the others are
     due again next tick. Returns the runs to request, the messages due and the observations."""
-    book = AlertBook.from_json(state.get("alerts"))
+    book = AlertBook.from_json(state.alerts)
     runs: list[dg.RunRequest] = []
     alerts: list[Alert] = []
     observations: list[dg.AssetObservation] = []
@@ -158,8 +179,8 @@ def evaluate(
             if send(message):
                 book.mark_sent(message, now)
 
-    ticks = 0 if health.reachable else int(state.get("unreachable_ticks", 0)) + 1
-    state["unreachable_ticks"] = ticks
+    ticks = 0 if health.reachable else state.unreachable_ticks + 1
+    state.unreachable_ticks = ticks
     note(
         "connect:unreachable",
         ticks >= policy.unreachable_ticks,
@@ -172,10 +193,10 @@ def evaluate(
         ),
     )
     if not health.reachable:
-        state["alerts"] = book.to_json()
+        state.alerts = book.to_json()
         return runs, alerts, observations
 
-    connectors = state.setdefault("connectors", {})
+    connectors = state.connectors
     # Deleted (absent from Connect), or deployed anew with another config since the last tick: the restarts,
     # backoff and alerts of the old deployment say nothing about the new one, which starts from nothing.
     ended: dict[str, str] = {}
@@ -183,7 +204,7 @@ def evaluate(
         c = health.connectors.get(name)
         if c is None:
             ended[name] = "was deleted from Kafka Connect"
-        elif None not in (entry.get("config_digest"), c.config_digest) and entry["config_digest"] != c.config_digest:
+        elif None not in (entry.config_digest, c.config_digest) and entry.config_digest != c.config_digest:
             ended[name] = "was deployed again with another config"
     for key in list(book.keys):  # an alert whose recovery could not be delivered when its connector went
         name, _, kind = key.removeprefix("connector:").rpartition(":")
@@ -199,39 +220,39 @@ def evaluate(
                 if not book.keys[key]["alerted"]:  # nothing (more) to announce
                     book.forget(key)
     for name, c in health.connectors.items():
-        entry = connectors.setdefault(name, {"attempts": 0, "next_at": 0.0, "last_trace": None, "observed": None})
-        entry["config_digest"] = c.config_digest
+        entry = connectors.setdefault(name, ConnectorEntry())
+        entry.config_digest = c.config_digest
         if not c.healthy:
-            entry["running_since"] = None
+            entry.running_since = None
         if c.failed:
-            entry["last_trace"], entry["last_cause"] = c.failure_trace, c.failure_cause
-            if entry["attempts"] < policy.max_restarts and now >= entry["next_at"]:
-                entry["attempts"] += 1
-                entry["next_at"] = now + policy.backoff_seconds * 2 ** (entry["attempts"] - 1)
+            entry.last_trace, entry.last_cause = c.failure_trace, c.failure_cause
+            if entry.attempts < policy.max_restarts and now >= entry.next_at:
+                entry.attempts += 1
+                entry.next_at = now + policy.backoff_seconds * 2 ** (entry.attempts - 1)
                 runs.append(
                     dg.RunRequest(
-                        run_key=f"restart-{name}-{entry['attempts']}-{int(now)}",
-                        run_config={"ops": {RESTART_OP: {"config": {"connectors": [name]}}}},
-                        tags={"knowton/connector": name, "knowton/restart-attempt": str(entry["attempts"])},
+                        run_key=f"restart-{name}-{entry.attempts}-{int(now)}",
+                        run_config=dg.RunConfig(ops={restart_connectors.name: RestartConfig(connectors=[name])}),
+                        tags={"knowton/connector": name, "knowton/restart-attempt": str(entry.attempts)},
                     )
                 )
         elif c.healthy:
             # A fault that persists lets a restarted task run for a few seconds before it fails again; the
             # attempts count from zero only once it has been seen RUNNING for healthy_seconds.
-            if entry.get("running_since") is None:
-                entry["running_since"] = now
-            if now - entry["running_since"] >= policy.healthy_seconds:
-                entry["attempts"], entry["next_at"] = 0, 0.0
-        exhausted = c.failed and entry["attempts"] >= policy.max_restarts and now >= entry["next_at"]
+            if entry.running_since is None:
+                entry.running_since = now
+            if now - entry.running_since >= policy.healthy_seconds:
+                entry.attempts, entry.next_at = 0, 0.0
+        exhausted = c.failed and entry.attempts >= policy.max_restarts and now >= entry.next_at
         note(
             f"connector:{name}:failed",
             exhausted,
             Alert(
                 f"connector:{name}:failed",
                 "error",
-                f"Connector {name} is still FAILED after {entry['attempts']} restart(s)",
+                f"Connector {name} is still FAILED after {entry.attempts} restart(s)",
                 f"{c.failure_cause or 'no trace'}\n\n{c.failure_trace or ''}"[:1500],
-                {"connector": name, "state": c.state, "restart_attempts": str(entry["attempts"])},
+                {"connector": name, "state": c.state, "restart_attempts": str(entry.attempts)},
             ),
         )
         note(
@@ -245,11 +266,10 @@ def evaluate(
                 {"connector": name},
             ),
         )
-        signature = [c.state, [t.state for t in c.tasks], entry["attempts"]]
-        last = entry.get("observed") or [None, 0.0]
-        if last[0] != signature or now - last[1] >= OBSERVE_EVERY_SECONDS:
-            observations += _observations(c, entry["attempts"])
-            entry["observed"] = [signature, now]
+        signature: Signature = (c.state, tuple(t.state for t in c.tasks), entry.attempts)
+        if entry.observed is None or entry.observed[0] != signature or now - entry.observed[1] >= OBSERVE_EVERY_SECONDS:
+            observations += _observations(c, entry.attempts)
+            entry.observed = (signature, now)
     for name in sorted(set(load_connector_configs()) | set(health.missing)):
         note(
             f"connector:{name}:missing",
@@ -262,7 +282,7 @@ def evaluate(
                 {"connector": name},
             ),
         )
-    state["alerts"] = book.to_json()
+    state.alerts = book.to_json()
     return runs, alerts, observations
 
 
@@ -281,7 +301,7 @@ def connector_health_sensor(
     alerts: AlertsResource,
     connector_health_policy: ConnectorHealthPolicy,
 ) -> dg.SensorResult:
-    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    state = ConnectorHealthCursor.load(context)
     client = KafkaConnectClient(kafka_connect.url, timeout=connector_health_policy.request_timeout_seconds)
     try:
         health = connect_health(client, load_connector_configs())
@@ -292,14 +312,14 @@ def connector_health_sensor(
         health, state, connector_health_policy, time.time(), alerts.throttle_seconds, send=dispatch.send
     )
     summary = (
-        f"Kafka Connect unreachable ({state['unreachable_ticks']} tick(s)): {health.error}"
+        f"Kafka Connect unreachable ({state.unreachable_ticks} tick(s)): {health.error}"
         if not health.reachable
         else f"{len(health.connectors)} connector(s), {len(health.failed)} failed, {len(runs)} restart(s) requested"
     )
     return dg.SensorResult(
         run_requests=runs,
         asset_events=observations,
-        cursor=json.dumps(state, sort_keys=True),
+        cursor=state.dump(),
         skip_reason=None if runs else summary,
     )
 

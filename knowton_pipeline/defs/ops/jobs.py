@@ -10,9 +10,11 @@ from knowton_pipeline.defs.resources import (
     KafkaResource,
     PostgresResource,
 )
-from knowton_pipeline.lib import clickhouse, schema
+from knowton_pipeline.lib import schema
 from knowton_pipeline.lib.kafka_topics import ensure_topics
 from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
+from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 
 
 @dg.op(description="Apply sql/postgres/schema.sql and enable-cdc.sql (publication, slot, views, role).")
@@ -32,15 +34,14 @@ def create_kafka_topics(context: dg.OpExecutionContext, kafka: KafkaResource) ->
 @dg.op(pool=CLICKHOUSE_POOL, description="Apply sql/clickhouse/*.sql: the mirror and aggregate tables.")
 def apply_clickhouse_schema(context: dg.OpExecutionContext, clickhouse_store: ClickHouseResource) -> None:
     with clickhouse_store.get_client() as client:
-        for name in schema.CLICKHOUSE_FILES:
-            n = clickhouse.run_script(client, read_sql("clickhouse", name))
-            context.log.info(f"applied sql/clickhouse/{name}: {n} statements")
+        for line in CLICKHOUSE.apply_schema(client):
+            context.log.info(line)
 
 
 @dg.op(description="Put the index templates and create the versioned indices behind their aliases.")
 def apply_elasticsearch_schema(context: dg.OpExecutionContext, elasticsearch: ElasticsearchResource) -> None:
     with elasticsearch.get_client() as es:
-        for line in schema.apply_elasticsearch(es):
+        for line in ELASTICSEARCH.apply_schema(es):
             context.log.info(line)
 
 

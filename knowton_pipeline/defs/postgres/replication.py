@@ -2,13 +2,13 @@
 lag per topic, sessions idle in a transaction) and `replication_lag_sensor`, which records them as numbers the
 UI plots and alerts when one turns to ERROR."""
 
-import json
 import time
 from typing import Any
 
 import dagster as dg
 
 from knowton_pipeline.catalog import HEARTBEAT
+from knowton_pipeline.defs.cursors import AlertCursor
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
@@ -144,8 +144,8 @@ def replication_lag_sensor(
     alerts: AlertsResource,
     replication_thresholds: ReplicationThresholds,
 ) -> dg.SensorResult:
-    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
-    book = AlertBook.from_json(state.get("alerts"))
+    state = AlertCursor.load(context)
+    book = AlertBook.from_json(state.alerts)
     with postgres.get_connection(autocommit=True) as conn:
         slot = slot_health(conn, replication_thresholds.slot())
         idle = idle_transaction_health(conn, replication_thresholds.idle())
@@ -160,13 +160,13 @@ def replication_lag_sensor(
         message = book.update(Alert(key, "error", title, text), failing, now, alerts.throttle_seconds)
         if message is not None and dispatch.send(message):  # undelivered: due again next tick
             book.mark_sent(message, now)
-    state["alerts"] = book.to_json()
+    state.alerts = book.to_json()
     observation = dg.AssetObservation(
         asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag), **_idle_metadata(idle)}
     )
     return dg.SensorResult(
         asset_events=[observation],
-        cursor=json.dumps(state, sort_keys=True),
+        cursor=state.dump(),
         skip_reason=f"slot {slot.verdict}, lag {lag.verdict}: {lag.reason}",
     )
 

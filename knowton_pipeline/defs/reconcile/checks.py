@@ -11,7 +11,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import dagster as dg
-import psycopg
 from pydantic import Field
 
 from knowton_pipeline.catalog import table
@@ -21,26 +20,29 @@ from knowton_pipeline.defs.elasticsearch.indices import index_key
 from knowton_pipeline.defs.partitions import DAILY
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, ElasticsearchResource, PostgresResource
 from knowton_pipeline.lib.aggregates import AGGREGATES
-from knowton_pipeline.lib.reconcile.engine import MODES, ReconcileError, ReconcileOptions, ReconcileResult
-from knowton_pipeline.lib.reconcile.record import key_text, load_differences, mark_repaired, record_result
-from knowton_pipeline.lib.reconcile.run import (
-    RepairCapError,
-    is_aggregate,
-    plan_pairs,
-    reconcile_pair,
-    recorded_keys,
-    repair_pair,
-    result_keys,
+from knowton_pipeline.lib.reconcile.engine import Mode
+from knowton_pipeline.lib.reconcile.flow import (
+    Connections,
+    PairOutcome,
+    ReconcileRequest,
+    reconcile_pairs,
+    repair_recorded,
 )
+from knowton_pipeline.lib.reconcile.record import key_text
+from knowton_pipeline.lib.reconcile.run import is_aggregate, plan_pairs
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
+from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 
 CHECK_NAME = "matches_postgres"
 SAMPLE = 20
+# The asset that stands for a table in each target store: a store added to the registry adds its entry here.
+STORE_ASSET_KEYS = {CLICKHOUSE.name: mirror_key, ELASTICSEARCH.name: index_key}
 
 
 def pair_asset_key(name: str, target: str) -> dg.AssetKey:
     if is_aggregate(name):
         return aggregate_key(AGGREGATES[name])
-    return index_key(table(name)) if target == "elasticsearch" else mirror_key(table(name))
+    return STORE_ASSET_KEYS[target](table(name))
 
 
 def _pairs_by_check_key() -> dict[dg.AssetCheckKey, tuple[str, str]]:
@@ -67,18 +69,35 @@ def _check_specs() -> list[dg.AssetCheckSpec]:
 class ReconcileRunConfig(dg.Config):
     """Run config of the reconcile checks (`ops: {reconcile_stores: {config: ...}}`)."""
 
-    mode: str = "checksum"  # incremental (rows changed in the window) | checksum | full (also hash search documents)
+    mode: Mode = Field(
+        "checksum",
+        description=(
+            "incremental: rows changed in the window; checksum: every row; full: also hash every search document"
+        ),
+    )
     tables: list[str] = Field(default_factory=list, description="User, Content, ...; empty: all, with aggregates")
     targets: list[str] = Field(default_factory=list, description="clickhouse, elasticsearch; empty: both")
-    error_above_keys: int = 100  # more differing keys than this is an ERROR, fewer a WARN
-    window_minutes: float = 60.0
-    settle_seconds: float = 5.0
-    # A key whose source changes while its target stands still this long is reported as lagging.
-    stuck_seconds: float = 60.0
-    threshold: int = 256
-    aggregate_days: int = 0  # 0: every materialized day; N: the last N materialized days
-    repair: bool = False  # re-sync the differing keys right after the check
-    max_repair_keys: int = 1000
+    error_above_keys: int = Field(100, description="more differing keys than this is an ERROR, fewer a WARN")
+    window_minutes: float = Field(60.0, description="incremental: rows changed this long ago or later")
+    settle_seconds: float = Field(5.0, description="wait before re-checking differences (0: report the first pass)")
+    stuck_seconds: float = Field(
+        60.0, description="a key whose source changes while its target stands still this long is reported as lagging"
+    )
+    threshold: int = Field(256, description="segments with at most this many rows are compared row by row")
+    aggregate_days: int = Field(0, description="0: every materialized day; N: the last N materialized days")
+    repair: bool = Field(False, description="re-sync the differing keys right after the check, then verify them")
+    max_repair_keys: int = Field(1000, description="more differing keys than this are left for a backfill")
+
+    def request(self) -> ReconcileRequest:
+        return ReconcileRequest(
+            mode=self.mode,
+            threshold=self.threshold,
+            window_minutes=self.window_minutes,
+            settle_seconds=self.settle_seconds,
+            stuck_seconds=self.stuck_seconds,
+            repair=self.repair,
+            max_repair_keys=self.max_repair_keys,
+        )
 
 
 def _aggregate_days(context: dg.AssetCheckExecutionContext, name: str, config: ReconcileRunConfig) -> list[date]:
@@ -93,10 +112,29 @@ def _aggregate_days(context: dg.AssetCheckExecutionContext, name: str, config: R
     return days
 
 
-def _metadata(result: ReconcileResult, reconcile_id: int, extra: dict[str, Any]) -> dict[str, Any]:
+def _repair_metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome) -> dict[str, Any]:
+    if outcome.repair_refused:
+        context.log.warning(outcome.repair_refused)
+        return {"repair": dg.MetadataValue.text(f"skipped: {outcome.repair_refused}")}
+    repaired = outcome.repair
+    if repaired is None:
+        return {}
+    context.log.info(
+        f"repaired {repaired.requested} key(s) of {outcome.table} in {outcome.target}: {repaired.as_dict()}"
+    )
+    return {
+        "repaired_keys": dg.IntMetadataValue(repaired.requested),
+        "still_different_after_repair": dg.IntMetadataValue(len(repaired.still_different)),
+    }
+
+
+def _metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome) -> dict[str, Any]:
+    result, reconcile_id = outcome.result, outcome.reconcile_id
+    assert result is not None and reconcile_id is not None
     d = result.differences
     sample = [*map(key_text, d.missing_in_target[:SAMPLE]), *map(key_text, d.extra_in_target[:SAMPLE])]
     sample += [f"{key_text(k)} ({', '.join(c)})" for k, c in list(d.different.items())[:SAMPLE]]
+    days = {"days_compared": dg.IntMetadataValue(len(outcome.days))} if outcome.days is not None else {}
     return {
         "mode": result.mode,
         "source_rows": dg.IntMetadataValue(result.source_rows),
@@ -115,31 +153,8 @@ def _metadata(result: ReconcileResult, reconcile_id: int, extra: dict[str, Any])
         "sample_keys": dg.MetadataValue.json(sample[:SAMPLE]),
         "differing_columns": dg.MetadataValue.json(result.columns),
         "reconcile_id": dg.IntMetadataValue(reconcile_id),
-        **extra,
-    }
-
-
-def _repair(
-    context: dg.AssetCheckExecutionContext,
-    result: ReconcileResult,
-    reconcile_id: int,
-    conn: psycopg.Connection,
-    ch: Any,
-    es: Any,
-    max_keys: int,
-) -> dict[str, Any]:
-    try:
-        repaired = repair_pair(
-            result.table, result.target, result_keys(result), conn=conn, clickhouse=ch, es=es, max_keys=max_keys
-        )
-    except RepairCapError as exc:
-        context.log.warning(str(exc))
-        return {"repair": dg.MetadataValue.text(f"skipped: {exc}")}
-    mark_repaired(conn, reconcile_id, result_keys(result), repaired.still_different)
-    context.log.info(f"repaired {repaired.requested} key(s) of {result.table} in {result.target}: {repaired.as_dict()}")
-    return {
-        "repaired_keys": dg.IntMetadataValue(repaired.requested),
-        "still_different_after_repair": dg.IntMetadataValue(len(repaired.still_different)),
+        **days,
+        **_repair_metadata(context, outcome),
     }
 
 
@@ -157,8 +172,6 @@ def reconcile_stores(
     clickhouse_store: ClickHouseResource,
     elasticsearch: ElasticsearchResource,
 ) -> Iterator[dg.AssetCheckResult]:
-    if config.mode not in MODES:
-        raise dg.Failure(f"unknown mode {config.mode!r}; modes are: {', '.join(MODES)}")
     try:
         wanted = set(plan_pairs(config.tables or None, config.targets or None))
     except ValueError as exc:
@@ -168,45 +181,26 @@ def reconcile_stores(
     skipped = len(context.selected_asset_check_keys) - len(selected)
     if skipped:
         context.log.info(f"{skipped} check(s) left out by the run config's tables/targets")
-    options = ReconcileOptions(
-        mode=config.mode,  # type: ignore[arg-type]
-        threshold=config.threshold,
-        window=timedelta(minutes=config.window_minutes),
-        settle_seconds=config.settle_seconds,
-        stuck_seconds=config.stuck_seconds,
-    )
     failed: list[str] = []
     with (
         postgres.get_connection(autocommit=True) as conn,
         clickhouse_store.get_client() as ch,
         elasticsearch.get_client() as es,
     ):
-        for i, (check_key, (name, target)) in enumerate(selected, 1):
-            context.log.info(f"[{i}/{len(selected)}] reconciling {name} with {target} ({config.mode})")
-            started = datetime.now(UTC)
-            days = _aggregate_days(context, name, config) if is_aggregate(name) else None
-            try:
-                result = reconcile_pair(
-                    name,
-                    target,
-                    conn=conn,
-                    clickhouse=ch,
-                    es=es,
-                    options=options,
-                    days=days,
-                    on_progress=context.log.info,
-                )
-            except ReconcileError as exc:
-                context.log.error(str(exc))
-                failed.append(f"{name} -> {target}: {exc}")
+        outcomes = reconcile_pairs(
+            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}),
+            [pair for _, pair in selected],
+            config.request(),
+            aggregate_days=lambda name: _aggregate_days(context, name, config),
+            dagster_run_id=context.run.run_id,
+            on_progress=context.log.info,
+        )
+        for (check_key, _), outcome in zip(selected, outcomes, strict=True):
+            if outcome.result is None:
+                context.log.error(outcome.error or "no verdict")
+                failed.append(f"{outcome.table} -> {outcome.target}: {outcome.error}")
                 continue
-            reconcile_id = record_result(conn, result, started_at=started, dagster_run_id=context.run.run_id)
-            extra: dict[str, Any] = {}
-            if days is not None:
-                extra["days_compared"] = dg.IntMetadataValue(len(days))
-            drift = result.differences.total
-            if config.repair and drift:
-                extra.update(_repair(context, result, reconcile_id, conn, ch, es, config.max_repair_keys))
+            drift = outcome.result.differences.total
             severity = dg.AssetCheckSeverity.ERROR if drift > config.error_above_keys else dg.AssetCheckSeverity.WARN
             yield dg.AssetCheckResult(
                 asset_key=check_key.asset_key,
@@ -214,12 +208,12 @@ def reconcile_stores(
                 passed=drift == 0,
                 severity=severity,
                 description=(
-                    f"{name} matches PostgreSQL ({result.source_rows} rows)"
+                    f"{outcome.table} matches PostgreSQL ({outcome.result.source_rows} rows)"
                     if drift == 0
-                    else f"{drift} differing key(s) between PostgreSQL and {target}; see ops.reconcile_diffs "
-                    f"(reconcile_id {reconcile_id})"
+                    else f"{drift} differing key(s) between PostgreSQL and {outcome.target}; see ops.reconcile_diffs "
+                    f"(reconcile_id {outcome.reconcile_id})"
                 ),
-                metadata=_metadata(result, reconcile_id, extra),
+                metadata=_metadata(context, outcome),
             )
     if failed:
         # No verdict for these: a store failed mid-run, and a partial result is not presented as one.
@@ -233,13 +227,13 @@ reconcile_job = dg.define_asset_job(
 )
 
 
-def _schedule(name: str, cron: str, mode: str, description: str) -> dg.ScheduleDefinition:
+def _schedule(name: str, cron: str, mode: Mode, description: str) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name=name,
         job=reconcile_job,
         cron_schedule=cron,
         execution_timezone="UTC",
-        run_config=dg.RunConfig(ops={"reconcile_stores": ReconcileRunConfig(mode=mode)}),
+        run_config=dg.RunConfig(ops={reconcile_stores.node_def.name: ReconcileRunConfig(mode=mode)}),
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
     )
@@ -254,10 +248,10 @@ reconcile_daily = _schedule("reconcile_daily", "30 3 * * *", "full", "Every row 
 class RepairRunConfig(dg.Config):
     """Which recorded reconciliation to repair: an id, or the latest of each selected table and target."""
 
-    reconcile_id: int = 0
-    tables: list[str] = Field(default_factory=list)
-    targets: list[str] = Field(default_factory=list)
-    max_keys: int = 10_000
+    reconcile_id: int = Field(0, description="0: the latest reconciliation of each selected table and target")
+    tables: list[str] = Field(default_factory=list, description="User, Content, ...; empty: all, with aggregates")
+    targets: list[str] = Field(default_factory=list, description="clickhouse, elasticsearch; empty: both")
+    max_keys: int = Field(10_000, description="more recorded keys than this are refused: a backfill's job")
 
 
 @dg.op(pool=CLICKHOUSE_POOL, description="Re-sync the recorded differing keys from PostgreSQL, then re-verify them.")
@@ -268,42 +262,28 @@ def repair_differences(
     clickhouse_store: ClickHouseResource,
     elasticsearch: ElasticsearchResource,
 ) -> None:
+    try:
+        pairs = [] if config.reconcile_id else plan_pairs(config.tables or None, config.targets or None)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from None
+    still = 0
     with (
         postgres.get_connection(autocommit=True) as conn,
         clickhouse_store.get_client() as ch,
         elasticsearch.get_client() as es,
     ):
-        if config.reconcile_id:
-            recorded = [load_differences(conn, reconcile_id=config.reconcile_id)]
-        else:
-            recorded = []
-            for name, target in plan_pairs(config.tables or None, config.targets or None):
-                try:
-                    recorded.append(load_differences(conn, table=name, target=target))
-                except ValueError:
-                    context.log.info(f"{name} -> {target}: no reconciliation recorded yet")
-        still = 0
-        for rec in recorded:
-            keys = rec.all_keys()
-            if not keys:
-                context.log.info(f"{rec.table} -> {rec.target}: nothing to repair (reconcile_id {rec.reconcile_id})")
+        for outcome in repair_recorded(
+            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}),
+            reconcile_id=config.reconcile_id or None,
+            pairs=pairs,
+            max_keys=config.max_keys,
+            on_progress=context.log.info,
+        ):
+            if outcome.repair_refused:
+                raise dg.Failure(outcome.repair_refused)
+            repaired, rec = outcome.repair, outcome.recorded
+            if repaired is None:
                 continue
-            context.log.info(
-                f"repairing {len(keys)} key(s) of {rec.table} in {rec.target} (reconcile_id {rec.reconcile_id})"
-            )
-            try:
-                repaired = repair_pair(
-                    rec.table,
-                    rec.target,
-                    recorded_keys(rec.table, keys),
-                    conn=conn,
-                    clickhouse=ch,
-                    es=es,
-                    max_keys=config.max_keys,
-                )
-            except RepairCapError as exc:
-                raise dg.Failure(str(exc)) from None
-            mark_repaired(conn, rec.reconcile_id, recorded_keys(rec.table, keys), repaired.still_different)
             still += len(repaired.still_different)
             context.log_event(
                 dg.AssetObservation(
@@ -316,8 +296,8 @@ def repair_differences(
                     },
                 )
             )
-        if still:
-            raise dg.Failure(f"{still} key(s) still differ after the repair (changed again meanwhile, or unwritable)")
+    if still:
+        raise dg.Failure(f"{still} key(s) still differ after the repair (changed again meanwhile, or unwritable)")
 
 
 @dg.job(description="Re-sync exactly the differing keys a reconciliation recorded, versioned, and re-verify them.")

@@ -96,7 +96,12 @@ def cdc_lag_sensor(context: dg.SensorEvaluationContext, kafka: KafkaResource) ->
     # Heartbeats arrive every few seconds; alone they are worth a run about once a minute, not each tick.
     if data_lag == 0 and lag.get(HEARTBEAT.topic, 0) < HEARTBEATS_WORTH_A_RUN:
         return dg.SensorResult(skip_reason=f"no data lag ({lag.get(HEARTBEAT.topic, 0)} heartbeats pending)")
-    in_flight = run_in_flight(context.instance, "apply_cdc")
+    in_flight = run_in_flight(context.instance, apply_cdc)
     if in_flight:
         return dg.SensorResult(skip_reason=f"lag {total}, apply_cdc run {in_flight} in flight")
-    return next_run_request(context, "apply-cdc", {"knowton/cdc_lag": str(total)})
+    return next_run_request(
+        context,
+        "apply-cdc",
+        {"knowton/cdc_lag": str(total)},
+        dg.RunConfig(ops={apply_cdc_events.name: ApplyCdcConfig()}),
+    )

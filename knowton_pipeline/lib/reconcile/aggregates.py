@@ -22,6 +22,8 @@ from knowton_pipeline.lib.errors import describe_error
 from knowton_pipeline.lib.reconcile.bisect import BisectStats, Checksum, Differences
 from knowton_pipeline.lib.reconcile.engine import STORE_ERRORS, ReconcileError, ReconcileResult
 from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores import clickhouse as ch_store
+from knowton_pipeline.lib.stores import postgres as pg_store
 
 
 def _aggregate_table(name: str, key: tuple[str, ...], columns: tuple[Column, ...]) -> SyncedTable:
@@ -104,13 +106,13 @@ class AggregateReconciler:
         casts = ", ".join(
             "toString(`date`) AS `date`"
             if c.name == "date"
-            else f"{_CH_CAST[c.type].format(canonical.backtick(c.name))} AS {canonical.backtick(c.name)}"
+            else f"{_CH_CAST[c.type].format(ch_store.backtick(c.name))} AS {ch_store.backtick(c.name)}"
             for c in self.table.columns
         )
         # Through the table alias: a SELECT alias shadows the column of the same name in ClickHouse's WHERE.
         where = "a.`date` >= {first:Date} AND a.`date` <= {last:Date}" if self.days else "1"
         self._ch_relation = (
-            f"(SELECT {casts} FROM {canonical.backtick(database)}.{canonical.backtick(name)} AS a WHERE {where})"
+            f"(SELECT {casts} FROM {ch_store.backtick(database)}.{ch_store.backtick(name)} AS a WHERE {where})"
         )
 
     def _ch_params(self) -> dict[str, Any]:
@@ -118,13 +120,13 @@ class AggregateReconciler:
 
     def _day_checksums(self) -> tuple[dict[str, Checksum], dict[str, Checksum]]:
         pg_query = sql.SQL("SELECT t.date, count(*), coalesce(sum({h}), 0) FROM {rel} AS t GROUP BY t.date").format(
-            h=canonical.postgres_hash_sql(self.table, "t"), rel=self._pg_relation
+            h=pg_store.hash_sql(self.table, "t"), rel=self._pg_relation
         )
         source = {
             r[0]: Checksum(int(r[1]), int(r[2])) for r in self.conn.execute(pg_query, _bounds(self.days)).fetchall()
         }
         ch_query = (
-            f"SELECT `date`, count(), sum(toUInt128({canonical.clickhouse_hash_sql(self.table)})) "
+            f"SELECT `date`, count(), sum(toUInt128({ch_store.hash_sql(self.table)})) "
             f"FROM {self._ch_relation} GROUP BY `date`"
         )
         target = {
@@ -141,13 +143,13 @@ class AggregateReconciler:
         keys = self.table.key
         pg_query = sql.SQL("SELECT {keys}, {canon} FROM {rel} AS t WHERE t.date = ANY(%(days)s)").format(
             keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in keys),
-            canon=canonical.postgres_canonical_sql(self.table, "t"),
+            canon=pg_store.canonical_sql(self.table, "t"),
             rel=self._pg_relation,
         )
         rows = self.conn.execute(pg_query, {**_bounds(self.days), "days": days}).fetchall()
         source = {tuple(r[: len(keys)]): r[len(keys)] for r in rows}
         ch_query = (
-            f"SELECT {', '.join(canonical.backtick(k) for k in keys)}, {canonical.clickhouse_canonical_sql(self.table)} "
+            f"SELECT {', '.join(ch_store.backtick(k) for k in keys)}, {ch_store.canonical_sql(self.table)} "
             f"FROM {self._ch_relation} WHERE `date` IN {{days:Array(String)}}"
         )
         result = self.ch.query(ch_query, parameters={**self._ch_params(), "days": days})

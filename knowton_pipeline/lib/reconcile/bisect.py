@@ -8,7 +8,6 @@ keys need no special case.
 
 from __future__ import annotations
 
-import bisect as _bisect
 import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -63,19 +62,6 @@ class BisectStats:
     rows_compared: int = 0  # rows that travelled to Python for the row-by-row comparison
 
 
-def quantile_points(sorted_keys: Sequence[Key], parts: int) -> list[Key]:
-    """`parts - 1` split points taken evenly from already sorted keys (duplicates removed)."""
-    if parts < 2 or len(sorted_keys) < 2:
-        return []
-    step = len(sorted_keys) / parts
-    points = [sorted_keys[int(step * i)] for i in range(1, parts)]
-    out: list[Key] = []
-    for p in points:
-        if not out or p != out[-1]:
-            out.append(p)
-    return out
-
-
 def find_differences(
     root: Segment,
     checksums: Callable[[Segment], tuple[Checksum, Checksum]],
@@ -116,10 +102,3 @@ def find_differences(
             continue
         pending.extend(reversed(children))
     return diffs, stats
-
-
-def in_segment(sorted_keys: Sequence[Key], seg: Segment) -> Sequence[Key]:
-    """The slice of already sorted keys that falls in `seg` (for in-memory sides and tests)."""
-    lo = 0 if seg.lo is None else _bisect.bisect_left(sorted_keys, seg.lo)
-    hi = len(sorted_keys) if seg.hi is None else _bisect.bisect_left(sorted_keys, seg.hi)
-    return sorted_keys[lo:hi]

@@ -35,11 +35,11 @@ from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib import canonical
 from knowton_pipeline.lib.errors import describe_error
 from knowton_pipeline.lib.reconcile.bisect import BisectStats, Checksum, Differences, Key, Segment, find_differences
-from knowton_pipeline.lib.reconcile.sides import Side
+from knowton_pipeline.lib.stores import Side, TargetStore, target_store
+from knowton_pipeline.lib.stores.postgres import PostgresSide
 
 Mode = Literal["incremental", "checksum", "full"]
 MODES: tuple[str, ...] = ("incremental", "checksum", "full")
-TARGETS: tuple[str, ...] = ("clickhouse", "elasticsearch")
 Pair = tuple[str | None, str | None]  # (source, target) canonical strings of a key; None: no live row
 
 STORE_ERRORS = (psycopg.Error, ch_errors.Error, ApiError, elastic_transport.TransportError, OSError)
@@ -137,12 +137,12 @@ class ReconcileResult:
 
 
 class Reconciler:
-    """One table against one target; `source` and `target` are sides (see sides.py) over the same columns."""
+    """One table against one target; `source` and `target` are sides (see `lib/stores/base.py`) over the same columns."""
 
     def __init__(
         self,
         table: SyncedTable,
-        target_name: str,
+        store: TargetStore,
         source: Side,
         target: Side,
         options: ReconcileOptions | None = None,
@@ -150,12 +150,10 @@ class Reconciler:
         on_progress: Callable[[str], None] | None = None,
         now: Callable[[], datetime] | None = None,
     ):
-        self.table, self.target_name = table, target_name
+        self.table, self.store, self.target_name = table, store, store.name
         self.source, self.target = source, target
         self.options = options or ReconcileOptions()
-        self.columns = canonical.column_names(
-            table, "elasticsearch" if target_name == "elasticsearch" else "clickhouse"
-        )
+        self.columns = canonical.column_names(table, store.shape)
         self._integer_key = table.column(table.key[0]).type in ("int", "bigint")
         self._on_progress = on_progress or (lambda _message: None)
         self._now = now or (lambda: datetime.now(UTC))
@@ -392,27 +390,18 @@ def build_reconciler(
     target: str,
     *,
     conn: psycopg.Connection,
-    clickhouse: Any = None,
-    es: Any = None,
+    client: Any,
     options: ReconcileOptions | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> Reconciler:
-    """The reconciler of `table` with `target` ("clickhouse" or "elasticsearch") over the given clients."""
-    from knowton_pipeline.lib.reconcile.sides import ClickHouseSide, ElasticsearchSide, PostgresSide
-
+    """The reconciler of `table` with the target store named `target`, over its `client`."""
+    store = target_store(target)
+    if client is None:
+        raise ValueError(f"reconciling with {store.name} needs a {store.title} client")
+    if not store.holds(table):
+        raise ValueError(f"{table.name} is not kept in {store.title}")
     options = options or ReconcileOptions()
-    if target == "clickhouse":
-        if clickhouse is None:
-            raise ValueError("reconciling with clickhouse needs a ClickHouse client")
-        side: Side = ClickHouseSide(clickhouse, table)
-    elif target == "elasticsearch":
-        if es is None:
-            raise ValueError("reconciling with elasticsearch needs an Elasticsearch client")
-        report = on_progress or (lambda _m: None)
-        side = ElasticsearchSide(
-            es, table, documents=options.mode == "full", progress=lambda n: report(f"{n} documents hashed")
-        )
-    else:
-        raise ValueError(f"unknown target {target!r}; targets are: {', '.join(TARGETS)}")
-    source = PostgresSide(conn, table, target=target)  # type: ignore[arg-type]
-    return Reconciler(table, target, source, side, options, on_progress=on_progress)
+    report = on_progress or (lambda _m: None)
+    side = store.side(client, table, full=options.mode == "full", progress=lambda n: report(f"{n} documents hashed"))
+    source = PostgresSide(conn, table, shape=store.shape)
+    return Reconciler(table, store, source, side, options, on_progress=on_progress)

@@ -18,10 +18,10 @@ from psycopg.rows import dict_row
 
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib.reconcile.bisect import Key
-from knowton_pipeline.lib.reconcile.engine import TARGETS, build_reconciler
+from knowton_pipeline.lib.reconcile.engine import build_reconciler
+from knowton_pipeline.lib.stores import TargetStore, WriteItem, target_store
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
-from knowton_pipeline.lib.sync.source import content_items, qualified, select_columns
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, WriteItem
+from knowton_pipeline.lib.sync.source import document_items, qualified, select_columns
 
 
 class RepairError(RuntimeError):
@@ -60,10 +60,10 @@ class RepairResult:
 
 
 def _items(
-    conn: psycopg.Connection, table: SyncedTable, target: str, keys: Sequence[Key], version: int
+    conn: psycopg.Connection, table: SyncedTable, store: TargetStore, keys: Sequence[Key], version: int
 ) -> list[WriteItem]:
-    if target == "elasticsearch" and table.name == "Content":
-        return content_items(conn, [int(k) for k in keys], version=version)
+    if store.shape == "document" and table.derived:
+        return document_items(conn, table, keys, version=version)
     [key] = table.key
     query = sql.SQL("SELECT {cols} FROM {rel} t WHERE t.{key} = ANY(%s)").format(
         cols=select_columns(table), rel=qualified(table), key=sql.Identifier(key)
@@ -82,42 +82,35 @@ def repair_keys(
     target: str,
     keys: Sequence[Key],
     *,
-    clickhouse: Any = None,
-    es: Any = None,
+    client: Any,
     chunk: int = 2000,
 ) -> RepairResult:
-    """Re-sync `keys` of `table` into `target` from one PostgreSQL snapshot, then re-verify them.
-
-    `conn` must have no open transaction (the snapshot opens its own)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; targets are: {', '.join(TARGETS)}")
+    """Re-sync `keys` of `table` into the target store named `target` (through its `client`) from one PostgreSQL
+    snapshot, then re-verify them. `conn` must have no open transaction (the snapshot opens its own)."""
+    store = target_store(target)
+    if not store.holds(table):
+        raise ValueError(f"{table.name} is not kept in {store.title}")
     t0 = time.monotonic()
     keys = sorted(set(keys))
-    result = RepairResult(table.name, target, len(keys))
-    if target == "clickhouse":
-        writer: ClickHouseWriter | ElasticsearchWriter = ClickHouseWriter(clickhouse)
-    else:
-        if table.elasticsearch_index is None:
-            raise ValueError(f"{table.name} has no Elasticsearch index")
-        writer = ElasticsearchWriter(es)
+    result = RepairResult(table.name, store.name, len(keys))
+    writer = store.writer(client)
     failed: list[str] = []
     with consistent_snapshot(conn) as version:
         result.snapshot_lsn = version
         for i in range(0, len(keys), chunk):
-            items = _items(conn, table, target, keys[i : i + chunk], version)
+            items = _items(conn, table, store, keys[i : i + chunk], version)
             outcome = writer.write(items)
-            result.written += outcome.written if target == "elasticsearch" else len(items) - len(outcome.poison)
+            result.written += outcome.written
             result.stale += outcome.stale
             result.tombstones += sum(1 for it in items if it.deleted)
             failed += [f"{[it.row.get(k) for k in table.key]}: {exc}" for it, exc in outcome.poison]
-    if target == "elasticsearch":
-        es.indices.refresh(index=table.elasticsearch_index)
+    store.make_visible(client, table)
     if failed:
         raise RepairError(
-            f"{len(failed)} key(s) of {table.name} could not be written to {target}: {'; '.join(failed[:5])}"
+            f"{len(failed)} key(s) of {table.name} could not be written to {store.name}: {'; '.join(failed[:5])}"
         )
     # Re-verify exactly these keys, with the reconciler's own comparison.
-    reconciler = build_reconciler(table, target, conn=conn, clickhouse=clickhouse, es=es)
+    reconciler = build_reconciler(table, store.name, conn=conn, client=client)
     result.still_different = reconciler.differing_keys(keys)
     conn.rollback()
     result.seconds = time.monotonic() - t0

@@ -4,7 +4,7 @@ reconciliation of a pair (a synced table or an aggregate), and the repair of its
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from typing import Any
 
@@ -17,9 +17,11 @@ from knowton_pipeline.lib.reconcile.aggregates import (
     differing_days,
     repair_days,
 )
-from knowton_pipeline.lib.reconcile.engine import TARGETS, ReconcileOptions, ReconcileResult, build_reconciler
+from knowton_pipeline.lib.reconcile.engine import ReconcileOptions, ReconcileResult, build_reconciler
 from knowton_pipeline.lib.reconcile.record import key_value
 from knowton_pipeline.lib.reconcile.repair import RepairResult, repair_keys
+from knowton_pipeline.lib.stores import TARGETS
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 
 
 class RepairCapError(ValueError):
@@ -42,9 +44,11 @@ def plan_pairs(tables: Sequence[str] | None = None, targets: Sequence[str] | Non
     pairs: list[tuple[str, str]] = []
     for name in names:
         for target in chosen_targets:
-            if target == "elasticsearch" and (name in AGGREGATE_TABLES or table(name).elasticsearch_index is None):
-                if tables and list(targets or ()) == ["elasticsearch"]:  # asked for explicitly: say why not
-                    raise ValueError(f"{name} is not synced to elasticsearch (it is in clickhouse only)")
+            # The aggregates are ClickHouse tables, computed from its mirrors.
+            kept = target == CLICKHOUSE.name if name in AGGREGATE_TABLES else TARGETS[target].holds(table(name))
+            if not kept:
+                if tables and list(targets or ()) == [target]:  # asked for explicitly: say why not
+                    raise ValueError(f"{name} is not synced to {target}")
                 continue
             pairs.append((name, target))
     return pairs
@@ -54,21 +58,31 @@ def is_aggregate(name: str) -> bool:
     return name in AGGREGATE_TABLES
 
 
+def table_names() -> list[str]:
+    """What a reconciliation can be asked for: the synced tables, then the aggregates."""
+    return [*(t.name for t in TABLES), *AGGREGATE_TABLES]
+
+
+def target_names() -> list[str]:
+    """The target stores PostgreSQL is reconciled with."""
+    return list(TARGETS)
+
+
 def reconcile_pair(
     name: str,
     target: str,
     *,
     conn: psycopg.Connection,
-    clickhouse: Any = None,
-    es: Any = None,
+    clients: Mapping[str, Any],
     options: ReconcileOptions | None = None,
     days: Sequence[date] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> ReconcileResult:
+    """Reconcile table (or aggregate) `name` with the target store `target`; `clients` by store name."""
     if is_aggregate(name):
-        return AggregateReconciler(conn, clickhouse, name, days=days, on_progress=on_progress).run()
+        return AggregateReconciler(conn, clients.get(CLICKHOUSE.name), name, days=days, on_progress=on_progress).run()
     reconciler = build_reconciler(
-        table(name), target, conn=conn, clickhouse=clickhouse, es=es, options=options, on_progress=on_progress
+        table(name), target, conn=conn, client=clients.get(target), options=options, on_progress=on_progress
     )
     result = reconciler.run()
     conn.rollback()
@@ -81,8 +95,7 @@ def repair_pair(
     keys: Sequence[Any],
     *,
     conn: psycopg.Connection,
-    clickhouse: Any = None,
-    es: Any = None,
+    clients: Mapping[str, Any],
     max_keys: int = 10_000,
 ) -> RepairResult:
     """Re-sync exactly `keys` of a table into `target` (an aggregate: recompute the days of its keys), then
@@ -95,9 +108,10 @@ def repair_pair(
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         conn.rollback()
     if not is_aggregate(name):
-        return repair_keys(conn, table(name), target, keys, clickhouse=clickhouse, es=es)
+        return repair_keys(conn, table(name), target, keys, client=clients.get(target))
     t0 = time.monotonic()
     days = differing_days(keys)
+    clickhouse = clients.get(CLICKHOUSE.name)
     written = repair_days(clickhouse, name, days)
     again = AggregateReconciler(conn, clickhouse, name, days=days).run()
     d = again.differences
@@ -120,14 +134,11 @@ def repair_result(
     result: ReconcileResult,
     *,
     conn: psycopg.Connection,
-    clickhouse: Any = None,
-    es: Any = None,
+    clients: Mapping[str, Any],
     max_keys: int = 10_000,
 ) -> RepairResult:
     """Repair exactly the differing keys of a reconciliation result."""
-    return repair_pair(
-        result.table, result.target, result_keys(result), conn=conn, clickhouse=clickhouse, es=es, max_keys=max_keys
-    )
+    return repair_pair(result.table, result.target, result_keys(result), conn=conn, clients=clients, max_keys=max_keys)
 
 
 def recorded_keys(name: str, keys: Sequence[str]) -> list[Any]:
@@ -144,4 +155,6 @@ __all__ = [
     "repair_pair",
     "repair_result",
     "result_keys",
+    "table_names",
+    "target_names",
 ]

@@ -1,6 +1,6 @@
 """CDC apply: consume the cdc-* topics, write ClickHouse and Elasticsearch in batches, then commit.
 
-At-least-once and nothing lost (DESIGN.md principle 4): offsets are committed only after every
+At-least-once and nothing lost (docs/architecture.md, "Nothing lost, nothing hidden"): offsets are committed only after every
 record of a batch is written or durably dead-lettered; a store that is down is retried with backoff
 and never dead-letters anything; only records that can never be applied go to the DLQ.
 """
@@ -22,31 +22,22 @@ from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
 from elasticsearch import ApiError, Elasticsearch
-from psycopg import sql
 
-from knowton_pipeline.catalog import CDC_TABLES, UnknownTableError
+from knowton_pipeline.catalog import CDC_TABLES, Dependency, SyncedTable, UnknownTableError, documents_fed_by
+from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
+from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
+from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 from knowton_pipeline.lib.sync import dlq
-from knowton_pipeline.lib.sync.positions import (
-    check_source_not_behind,
-    clickhouse_newest_versions,
-    elasticsearch_newest_versions,
-    source_position,
-)
+from knowton_pipeline.lib.sync.positions import check_source_not_behind, source_position
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
-from knowton_pipeline.lib.sync.source import CONTENT, content_items, contents_by_creators, qualified
-from knowton_pipeline.lib.sync.writers import (
-    ClickHouseWriter,
-    ElasticsearchWriter,
-    TransientStoreError,
-    WriteItem,
-    WriteOutcome,
-)
+from knowton_pipeline.lib.sync.source import all_keys, linked_keys
+from knowton_pipeline.lib.sync.source import document_items as read_documents
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "knowton-sync"
-TARGETS = ("clickhouse", "elasticsearch")
 
 
 class StoreUnavailableError(RuntimeError):
@@ -133,8 +124,8 @@ class CdcApplier:
         on_progress: Callable[[ApplyStats], None] | None = None,
     ):
         self.config = config
-        self.ch_writer = ClickHouseWriter(clickhouse)
-        self.es_writer = ElasticsearchWriter(es)
+        self.clients: dict[str, Any] = {CLICKHOUSE.name: clickhouse, ELASTICSEARCH.name: es}
+        self.writers = {name: TARGETS[name].writer(client) for name, client in self.clients.items()}
         self.pg_conninfo = dict(pg_conninfo)
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
@@ -219,10 +210,7 @@ class CdcApplier:
         finally:
             conn.rollback()
         try:
-            newest = {
-                "clickhouse": clickhouse_newest_versions(self.ch_writer.client),
-                "elasticsearch": elasticsearch_newest_versions(self.es_writer.es),
-            }
+            newest = {name: TARGETS[name].newest_versions(client) for name, client in self.clients.items()}
         except (ApiError, elastic_transport.TransportError, ch_errors.Error, OSError) as exc:
             # A store that cannot answer is an outage to wait out, like a write it refuses.
             raise TransientStoreError(f"reading the newest versions failed: {type(exc).__name__}: {exc}") from exc
@@ -277,35 +265,27 @@ class CdcApplier:
                 continue
             events.append((event, msg))
 
-        ch_items = clickhouse_items(events)
-        ch_out = self.ch_writer.write(ch_items)
-        letters += _letters("clickhouse", ch_out)
-
-        es_items = self.elasticsearch_items(events)
-        es_out = self.es_writer.write(es_items)
-        letters += _letters("elasticsearch", es_out)
-
-        # A truncate turns what the stores hold of the table below its version into tombstones, after the batch's
-        # other writes: changes after the truncate carry higher versions and stay.
-        for e, _ in events:
-            if e.is_truncate:
-                ch_out.written += self.ch_writer.truncate(e.table, e.version)
-                if e.table.elasticsearch_index is not None:
-                    es_out.written += self.es_writer.truncate(e.table, e.version)
+        outcomes: dict[str, WriteOutcome] = {}
+        for store in TARGETS.values():
+            writer = self.writers[store.name]
+            outcome = outcomes[store.name] = writer.write(target_items(store, events, self._pg_conn))
+            letters += _letters(store.name, outcome)
+            # A truncate turns what the store holds of the table below its version into tombstones, after the
+            # batch's other writes: changes after the truncate carry higher versions and stay.
+            for e, _ in events:
+                if e.is_truncate and store.holds(e.table):
+                    outcome.written += writer.truncate(e.table, e.version)
 
         dlq.publish(self.producer, letters)
         # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
         stats.events += len(events)
-        stats.clickhouse_rows += ch_out.written
-        stats.elasticsearch_docs += es_out.written
-        stats.stale += ch_out.stale + es_out.stale
+        stats.clickhouse_rows += outcomes[CLICKHOUSE.name].written
+        stats.elasticsearch_docs += outcomes[ELASTICSEARCH.name].written
+        stats.stale += sum(o.stale for o in outcomes.values())
         for letter in letters:
             stats.dead_lettered[letter.target] += 1
         for e, _ in events:
             stats.per_table[e.table.name] += 1
-
-    def elasticsearch_items(self, events: Sequence[tuple[ChangeEvent, Message]]) -> list[WriteItem]:
-        return elasticsearch_items(events, self._pg_conn)
 
 
 def latest_per_key(events: Sequence[tuple[ChangeEvent, Any]]) -> list[tuple[ChangeEvent, tuple[Any, ...]]]:
@@ -326,50 +306,81 @@ def latest_per_key(events: Sequence[tuple[ChangeEvent, Any]]) -> list[tuple[Chan
     return [(e, tuple(sources)) for e, sources in latest.values()]
 
 
-def clickhouse_items(events: Sequence[tuple[ChangeEvent, Any]]) -> list[WriteItem]:
+def target_items(
+    store: TargetStore, events: Sequence[tuple[ChangeEvent, Any]], pg_conn: Callable[[], psycopg.Connection]
+) -> list[WriteItem]:
+    """What `store` must write for a batch of changes: a mirror takes each row as its change brings it; a search
+    document also shows fields derived from other tables, so it is re-read (see `document_items`)."""
+    if store.shape == "document":
+        return document_items(events, pg_conn, holds=store.holds)
+    return mirror_items([(e, source) for e, source in events if store.holds(e.table)])
+
+
+def mirror_items(events: Sequence[tuple[ChangeEvent, Any]]) -> list[WriteItem]:
     """Mirror rows straight from the events, each versioned by commit order (`lib/versions.py`)."""
     return [WriteItem(e.table, e.row, e.version, e.is_delete, sources) for e, sources in latest_per_key(events)]
 
 
-def elasticsearch_items(
-    events: Sequence[tuple[ChangeEvent, Any]], pg_conn: Callable[[], psycopg.Connection]
+def _affects(e: ChangeEvent, dependency: Dependency) -> bool:
+    if e.is_truncate or e.op in ("c", "d", "r") or not dependency.watch:
+        return True
+    before, after = e.before or {}, e.after or {}
+    # A column the old image does not hold (REPLICA IDENTITY DEFAULT, a value that did not decode) may have changed.
+    return any(c not in before or before[c] != after.get(c) for c in (*dependency.watch, dependency.column))
+
+
+def document_items(
+    events: Sequence[tuple[ChangeEvent, Any]],
+    pg_conn: Callable[[], psycopg.Connection],
+    *,
+    holds: Callable[[SyncedTable], bool] = lambda t: t.elasticsearch_index is not None,
 ) -> list[WriteItem]:
-    """User documents come from the event; Content documents, which carry the creator's username and
-    the sales count, are re-read from PostgreSQL whenever anything they show changed, in a consistent
-    snapshot that versions them. A truncate of User or Purchase changes what every Content document shows.
+    """Search documents for a batch of changes. A document without derived fields comes from its event; one with
+    derived fields is re-read from PostgreSQL, in a consistent snapshot that versions it, whenever anything it
+    shows changed: its own row, or a row of a table it depends on, followed as the catalog declares
+    (`SyncedTable.dependencies`). A truncate of such a table changes every document that depends on it.
     `source` is what to dead-letter if an item turns out poison."""
     items: list[WriteItem] = []
-    content_sources: dict[int, list[Any]] = defaultdict(list)
-    creators: dict[str, list[Any]] = defaultdict(list)
-    every_content: list[Any] = []
+    reread: dict[str, dict[Any, list[Any]]] = defaultdict(lambda: defaultdict(list))  # table -> key -> sources
+    every: dict[str, list[Any]] = defaultdict(list)  # table -> sources of truncates that touch all its documents
+    linked: dict[tuple[str, Dependency], dict[Any, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for e, source in events:
-        if e.is_truncate and e.table.name in ("User", "Purchase"):
-            every_content.append(source)
-        elif e.table.name == "Content" and not e.is_truncate:
-            content_sources[e.row["id"]].append(source)
-        elif e.table.name == "Purchase":
-            # The old image may lack contentId (REPLICA IDENTITY DEFAULT, or a value that did not decode).
+        if holds(e.table) and e.table.derived and not e.is_truncate:
+            reread[e.table.name][e.key[0]].append(source)
+        for documents, dependency in documents_fed_by(e.table.name):
+            if not holds(documents) or not _affects(e, dependency):
+                continue
+            if e.is_truncate:
+                every[documents.name].append(source)
+                continue
             for image in (e.before, e.after):
-                if image and "contentId" in image:
-                    content_sources[image["contentId"]].append(source)
-        elif e.table.name == "User" and e.op == "u" and (e.before or {}).get("username") != e.row["username"]:
-            creators[e.row["address"]].append(source)
+                if image and dependency.column in image:
+                    linked[(documents.name, dependency)][image[dependency.column]].append(source)
     for e, sources in latest_per_key(events):
-        if e.table.name == "User":
+        if holds(e.table) and not e.table.derived:
             items.append(WriteItem(e.table, e.row, e.version, e.is_delete, sources))
-    if not content_sources and not creators and not every_content:
+    if not reread and not every and not linked:
         return items
     conn = pg_conn()
-    if every_content:
-        for (content_id,) in conn.execute(sql.SQL("SELECT id FROM {}").format(qualified(CONTENT))):
-            content_sources[content_id].extend(every_content)
-    for content_id, creator in contents_by_creators(conn, list(creators)):
-        content_sources[content_id].extend(creators[creator])
+    for name, sources in every.items():
+        for key in all_keys(conn, catalog_table(name)):
+            reread[name][key].extend(sources)
+    for (name, dependency), by_value in linked.items():
+        documents = catalog_table(name)
+        if dependency.row_column in documents.key:
+            for value, sources in by_value.items():
+                reread[name][value].extend(sources)
+            continue
+        for key, value in linked_keys(conn, documents, dependency.row_column, list(by_value)):
+            reread[name][key].extend(by_value[value])
     conn.commit()
+    if not reread:  # the linked rows feed no document that exists
+        return items
     with consistent_snapshot(conn) as version:
-        items += content_items(
-            conn, content_sources, version=version, sources={k: tuple(v) for k, v in content_sources.items()}
-        )
+        for name, by_key in reread.items():
+            items += read_documents(
+                conn, catalog_table(name), by_key, version=version, sources={k: tuple(v) for k, v in by_key.items()}
+            )
     return items
 
 

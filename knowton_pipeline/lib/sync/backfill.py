@@ -20,9 +20,11 @@ import psycopg
 from psycopg import sql
 
 from knowton_pipeline.catalog import SyncedTable
+from knowton_pipeline.lib.stores import Prepared, WriteItem
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter, Prepared, WriteItem
 from knowton_pipeline.lib.transform import document_id
 
 
@@ -81,7 +83,7 @@ def backfill_range(
                 for rows in stream_rows(conn, table, where, params, chunk=chunk, enriched=enriched):
                     items = []
                     for raw in rows:
-                        row, enrichment = split_enrichment(raw)
+                        row, enrichment = split_enrichment(table, raw)
                         source = document_id(table, [row[k] for k in table.key])
                         items.append(WriteItem(table, row, lsn, False, (source,), enrichment or None))
                     chunks.put((len(rows), writer.prepare(items)))

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message, Producer
 
-TARGET_DLQ = {"clickhouse": "dlq-clickhouse-failed", "elasticsearch": "dlq-elasticsearch-failed"}
+from knowton_pipeline.lib.stores import TARGETS
+
+# Each target store's own DLQ, as the store declares it.
+TARGET_DLQ = {store.name: store.dlq_topic for store in TARGETS.values()}
 PARKED_TOPIC = "dlq-parked"
 
 H_TOPIC = "__connect.errors.topic"

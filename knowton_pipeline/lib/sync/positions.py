@@ -8,12 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import psycopg
-from clickhouse_connect.driver.client import Client as ClickHouseClient
-from elasticsearch import Elasticsearch
-
-from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, TABLES
-from knowton_pipeline.lib.canonical import backtick
-from knowton_pipeline.lib.transform import ES_VERSION_FIELD
 
 RESTORE_PROCEDURE = (
     "The stores hold versions from a source whose WAL went further than this one: PostgreSQL was restored or "
@@ -27,38 +21,6 @@ RESTORE_PROCEDURE = (
 
 class SourceBehindStoresError(RuntimeError):
     """The stores hold a version above the source's current WAL position."""
-
-
-def clickhouse_newest_versions(client: ClickHouseClient, database: str = CLICKHOUSE_DATABASE) -> dict[str, int]:
-    """The highest version in each mirror (0 when empty)."""
-    return {
-        t.name: int(
-            client.query(f"SELECT max(version) FROM {backtick(database)}.{backtick(t.clickhouse_table)}").result_rows[
-                0
-            ][0]
-            or 0
-        )
-        for t in TABLES
-    }
-
-
-def elasticsearch_newest_versions(es: Elasticsearch) -> dict[str, int]:
-    """The highest version in each search index, through its alias (0 when empty)."""
-    out: dict[str, int] = {}
-    for t in TABLES:
-        if t.elasticsearch_index is None:
-            continue
-        # The alias hides tombstones; a tombstone's version counts too, so the concrete indices are asked.
-        response = es.search(
-            index=f"{t.elasticsearch_index}-v*",
-            size=0,
-            aggs={"newest": {"max": {"field": ES_VERSION_FIELD}}},
-            ignore_unavailable=True,
-            allow_no_indices=True,
-        )
-        value = response["aggregations"]["newest"]["value"] if "aggregations" in response else None
-        out[t.name] = int(value) if value is not None else 0
-    return out
 
 
 def source_position(conn: psycopg.Connection) -> int:

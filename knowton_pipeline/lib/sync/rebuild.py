@@ -23,9 +23,8 @@ import psycopg
 from elasticsearch import Elasticsearch, helpers
 
 from knowton_pipeline.catalog import SyncedTable
-from knowton_pipeline.lib.schema import alias_body
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter, alias_body
 from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
-from knowton_pipeline.lib.sync.writers import ElasticsearchWriter
 
 BULK_ACTIONS = "indices:data/write/bulk*"
 CATCH_UP_PASSES = 5  # the old index is write-blocked by then: the second pass finds nothing behind

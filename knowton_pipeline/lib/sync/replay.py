@@ -22,9 +22,11 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import UnknownTableError
 from knowton_pipeline.lib.debezium import MalformedEventError, decode_event
+from knowton_pipeline.lib.stores import TARGETS
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
+from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 from knowton_pipeline.lib.sync import dlq
-from knowton_pipeline.lib.sync.apply import clickhouse_items, elasticsearch_items, retry_transient
-from knowton_pipeline.lib.sync.writers import ClickHouseWriter, ElasticsearchWriter
+from knowton_pipeline.lib.sync.apply import retry_transient, target_items
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class DlqReplayer:
         on_progress: Callable[[ReplayStats], None] | None = None,
     ):
         self.config = config
-        self.writers = {"clickhouse": ClickHouseWriter(clickhouse), "elasticsearch": ElasticsearchWriter(es)}
+        clients: dict[str, Any] = {CLICKHOUSE.name: clickhouse, ELASTICSEARCH.name: es}
+        self.writers = {name: TARGETS[name].writer(client) for name, client in clients.items()}
         self.pg_conninfo = dict(pg_conninfo)
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
@@ -156,7 +159,7 @@ class DlqReplayer:
         now_ms = int(time.time() * 1000)
         outcome: dict[str, list[Any]] = {"requeue": [], "park": [], "keep": []}
         applied = 0
-        for target in ("clickhouse", "elasticsearch"):
+        for target in TARGETS:
             letters: list[dlq.DeadLetter] = []
             for m in msgs:
                 if TOPIC_TARGET.get(m.topic(), "") != target:
@@ -200,7 +203,7 @@ class DlqReplayer:
             events.append((event, letter))
         if not events:
             return failures
-        items = clickhouse_items(events) if target == "clickhouse" else elasticsearch_items(events, self._pg_conn)
+        items = target_items(TARGETS[target], events, self._pg_conn)
         result = self.writers[target].write(items)
         for item, exc in result.poison:
             for letter in item.sources:

@@ -6,20 +6,16 @@ Debezium decoder produces, so both feed the one transform.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from knowton_pipeline.catalog import SyncedTable, table
-from knowton_pipeline.lib.canonical import postgres_derived_sql
-from knowton_pipeline.lib.sync.writers import WriteItem
-
-CONTENT = table("Content")
-USER = table("User")
-PURCHASE = table("Purchase")
+from knowton_pipeline.catalog import SyncedTable
+from knowton_pipeline.lib.stores import WriteItem
+from knowton_pipeline.lib.stores.postgres import derived_sql
 
 
 def select_columns(t: SyncedTable, alias: str = "t") -> sql.Composed:
@@ -33,58 +29,63 @@ def qualified(t: SyncedTable) -> sql.Composed:
 def enriched_query(t: SyncedTable, where: sql.Composable) -> sql.Composed:
     """Rows of `t` (alias `t` in `where`) with what its search document adds from other tables: each of the
     catalog's derived fields, computed by its definition, the one the reconciliation's canonical row uses."""
-    derived = [sql.SQL("{} AS {}").format(postgres_derived_sql(f, "t"), sql.Identifier(f.name)) for f in t.derived]
+    derived = [sql.SQL("{} AS {}").format(derived_sql(f, "t"), sql.Identifier(f.name)) for f in t.derived]
     return sql.SQL("SELECT {cols} FROM {tbl} t WHERE {where}").format(
         cols=sql.SQL(", ").join([select_columns(t), *derived]), tbl=qualified(t), where=where
     )
 
 
-def enriched_content_query(where: sql.Composable) -> sql.Composed:
-    """Content rows with what the search document adds: the creator's username and the sales count."""
-    return enriched_query(CONTENT, where)
-
-
-ENRICHMENT_FIELDS = tuple(f.name for f in CONTENT.derived)
-
-
-def split_enrichment(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    enrichment = {k: row.pop(k) for k in ENRICHMENT_FIELDS if k in row}
+def split_enrichment(t: SyncedTable, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An enriched row as the row itself and its derived fields (the `enrichment` of a `WriteItem`)."""
+    enrichment = {f.name: row.pop(f.name) for f in t.derived if f.name in row}
     return row, enrichment
 
 
-def content_items(
-    conn: psycopg.Connection, ids: Iterable[int], *, version: int, sources: dict[int, tuple[Any, ...]] | None = None
+def document_items(
+    conn: psycopg.Connection,
+    t: SyncedTable,
+    keys: Iterable[Any],
+    *,
+    version: int,
+    sources: Mapping[Any, tuple[Any, ...]] | None = None,
 ) -> list[WriteItem]:
-    """Current Content documents for `ids` (call inside `consistent_snapshot`, versioned with its LSN).
-
-    An id no longer in PostgreSQL becomes a versioned tombstone.
-    """
-    wanted = sorted(set(ids))
+    """The current search documents of `t` for `keys`, derived fields included (call inside `consistent_snapshot`,
+    versioned with its position). A key no longer in PostgreSQL becomes a versioned tombstone. `sources` maps a key
+    to what to dead-letter if its item turns out poison."""
+    wanted = sorted(set(keys))
     if not wanted:
         return []
+    [key] = t.key
     sources = sources or {}
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(enriched_content_query(sql.SQL("t.id = ANY(%s)")), (wanted,))
-        found = {r["id"]: r for r in cur.fetchall()}
+        cur.execute(enriched_query(t, sql.SQL("t.{} = ANY(%s)").format(sql.Identifier(key))), (wanted,))
+        found = {r[key]: r for r in cur.fetchall()}
     items = []
-    for content_id in wanted:
-        src = sources.get(content_id, ())
-        if content_id in found:
-            row, enrichment = split_enrichment(found[content_id])
-            items.append(WriteItem(CONTENT, row, version, False, src, enrichment))
+    for k in wanted:
+        src = sources.get(k, ())
+        if k in found:
+            row, enrichment = split_enrichment(t, found[k])
+            items.append(WriteItem(t, row, version, False, src, enrichment or None))
         else:
-            items.append(WriteItem(CONTENT, {"id": content_id}, version, True, src))
+            items.append(WriteItem(t, {key: k}, version, True, src))
     return items
 
 
-def contents_by_creators(conn: psycopg.Connection, addresses: Sequence[str]) -> list[tuple[int, str]]:
-    """(content id, creator) of every Content row created by one of `addresses`."""
-    if not addresses:
+def linked_keys(conn: psycopg.Connection, t: SyncedTable, column: str, values: Sequence[Any]) -> list[tuple[Any, Any]]:
+    """(key, value of `column`) of every row of `t` whose `column` is one of `values`."""
+    if not values:
         return []
-    rows = conn.execute(
-        sql.SQL("SELECT id, creator FROM {} WHERE creator = ANY(%s)").format(qualified(CONTENT)), (list(addresses),)
-    ).fetchall()
-    return [(r[0], r[1]) for r in rows]
+    [key] = t.key
+    query = sql.SQL("SELECT t.{key}, t.{col} FROM {rel} t WHERE t.{col} = ANY(%s)").format(
+        key=sql.Identifier(key), col=sql.Identifier(column), rel=qualified(t)
+    )
+    return [(r[0], r[1]) for r in conn.execute(query, (list(values),)).fetchall()]
+
+
+def all_keys(conn: psycopg.Connection, t: SyncedTable) -> list[Any]:
+    [key] = t.key
+    query = sql.SQL("SELECT t.{key} FROM {rel} t").format(key=sql.Identifier(key), rel=qualified(t))
+    return [r[0] for r in conn.execute(query).fetchall()]
 
 
 def stream_rows(

@@ -1,0 +1,524 @@
+"""ClickHouse, the analytics store: its mirrors' spelling of canonical rows, its reconcile side and its writer.
+
+A mirror is a `ReplacingMergeTree(version, is_deleted)` table read with `FINAL`: the highest version of a key wins
+and a deleted key is hidden. The client is the embedded engine (chDB) or a ClickHouse server, by DSN
+(`lib/clickhouse.py`); nothing here depends on which.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime
+from typing import Any
+
+from clickhouse_connect.driver import exceptions as ch_errors
+from clickhouse_connect.driver.client import Client as ClickHouseClient
+
+from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, TABLES, Column, SyncedTable
+from knowton_pipeline.lib import clickhouse as clickhouse_client
+from knowton_pipeline.lib.canonical import HASH_MASK, Shape, key_columns, plan, segment_parameters
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores.base import (
+    Prepared,
+    Side,
+    StoreRefusedError,
+    TransientStoreError,
+    WriteItem,
+    WriteOutcome,
+    buckets,
+    chunks,
+    no_updated_at,
+    single_key,
+    sum_by_day,
+    tombstones_written,
+)
+from knowton_pipeline.lib.transform import (
+    CLICKHOUSE_DELETED_COLUMN,
+    CLICKHOUSE_VERSION_COLUMN,
+    clickhouse_columns,
+    format_timestamp,
+    to_clickhouse_row,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# ClickHouse spellings: expressions over the mirror's columns (the transform's output: String, Int32/Int64, Bool,
+# Decimal(p, s), DateTime64(6, 'UTC'), Array(String), and the jsonb as transform.canonical_json text).
+
+_CH_TEXT = r"replaceAll(replaceAll({v}, '\\', '\\\\'), '\t', '\\t')"
+_CH_ELEMENT = r"""concat('"', replaceAll(replaceAll(replaceAll(x, '\\', '\\\\'), '"', '\\"'), '\t', '\\t'), '"')"""
+_CH_TEXT_ARRAY = "concat('{{', arrayStringConcat(arrayMap(x -> " + _CH_ELEMENT + ", {v}), ','), '}}')"
+
+# The mirror's jsonb text is Python's json.dumps (sorted keys, compact): only its floats, spelled by repr ("1.0",
+# "1e+16", "1.5e-07", "-0.0"), differ from the canonical spelling. The text is cut into string, number and other
+# tokens, and each float token is rewritten as its exact decimal: its digits with the point moved by the exponent,
+# then zeros trimmed. Nested single-element arrayMaps bind names, as ClickHouse SQL has no local variables.
+_CH_JSON_TOKENS = r"""'(?s)"(?:[^"\\\\]|\\\\.)*"|-?[0-9][0-9.eE+-]*|[^"0-9-]+'"""
+_CH_JSON_FLOAT = r"""arrayMap((negative, mantissa, exponent) ->
+    arrayMap((digits, point) ->
+        arrayMap((whole, fraction) ->
+            if(whole = '' AND fraction = '', '0',
+               concat(if(negative, '-', ''), if(whole = '', '0', whole), if(fraction = '', '', concat('.', fraction)))),
+            [trim(LEADING '0' FROM concat(substring(digits, 1, greatest(point, 0)),
+                                          repeat('0', toUInt32(greatest(point - length(digits), 0)))))],
+            [trim(TRAILING '0' FROM concat(repeat('0', toUInt32(greatest(-point, 0))),
+                                           substring(digits, greatest(point, 0) + 1)))])[1],
+        [replaceOne(mantissa, '.', '')],
+        [toInt32(position(concat(mantissa, '.'), '.')) - 1 + exponent])[1],
+    [startsWith(token, '-')],
+    [splitByChar('e', lower(trim(LEADING '-' FROM token)))[1]],
+    [toInt32OrZero(splitByChar('e', lower(token))[2])])[1]"""
+_CH_JSON = (
+    "if(match({v}, '[0-9][.eE]'), arrayStringConcat(arrayMap(token -> if(match(token, '^-?[0-9]+[.eE]'), "
+    + _CH_JSON_FLOAT.replace("{", "{{").replace("}", "}}")
+    + ", token), extractAll({v}, "
+    + _CH_JSON_TOKENS
+    + "))), {v})"
+)
+
+
+def _clickhouse_spelling(column: Column) -> Callable[[str], str]:
+    template = {
+        "text": _CH_TEXT,
+        "int": "toString({v})",
+        "bigint": "toString({v})",
+        "bool": "if({v}, 't', 'f')",
+        "numeric": "toDecimalString({v}, {scale})",
+        # %f prints the DateTime64's own six fraction digits, also before 1970.
+        "timestamptz": "formatDateTime({v}, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC')",
+        "text[]": _CH_TEXT_ARRAY,
+        "jsonb": _CH_JSON,
+    }[column.type]
+
+    def spell(value: str) -> str:
+        expression = template.format(v=value, scale=column.scale or 0)
+        return f"ifNull({expression}, '\\\\N')" if column.nullable else expression
+
+    return spell
+
+
+CH_KEY_TYPES = {"text": "String", "int": "Int32", "bigint": "Int64"}
+
+
+def backtick(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def key_range(table: SyncedTable, lower_bound: bool, upper_bound: bool) -> str:
+    columns = key_columns(table)
+    names = [backtick(c.target_name) for c in columns]
+    key = names[0] if len(names) == 1 else f"tuple({', '.join(names)})"
+
+    def bound(prefix: str) -> str:
+        values = [f"{{{prefix}_{i}:{CH_KEY_TYPES[c.type]}}}" for i, c in enumerate(columns)]
+        return values[0] if len(values) == 1 else f"tuple({', '.join(values)})"
+
+    conditions = [f"{backtick(CLICKHOUSE_DELETED_COLUMN)} = 0"]
+    if lower_bound:
+        conditions.append(f"{key} >= {bound('lo')}")
+    if upper_bound:
+        conditions.append(f"{key} < {bound('hi')}")
+    return " AND ".join(conditions)
+
+
+def canonical_sql(table: SyncedTable) -> str:
+    """An expression for the canonical string of a mirror row, over the mirror's (unqualified) columns."""
+    fields = [_clickhouse_spelling(f.column)(backtick(f.column.target_name)) for f in plan(table).fields]
+    return "concat(" + ", '\\t', ".join(fields) + ")"
+
+
+def hash_sql(table: SyncedTable) -> str:
+    """An expression for `row_hash` of a mirror row, as UInt64: the last 8 MD5 bytes, big-endian, low 60 bits."""
+    return f"bitAnd(reinterpretAsUInt64(reverse(substring(MD5({canonical_sql(table)}), 9, 8))), {HASH_MASK})"
+
+
+def _mirror(table: SyncedTable, database: str) -> str:
+    return f"{backtick(database)}.{backtick(table.clickhouse_table)}"
+
+
+def segment_checksum_sql(
+    table: SyncedTable,
+    *,
+    database: str = CLICKHOUSE_DATABASE,
+    lower_bound: bool = True,
+    upper_bound: bool = True,
+) -> str:
+    """`SELECT row_count, checksum` over the live mirror rows (FINAL, not deleted) whose key is in
+    [{lo_0:T}, {hi_0:T}): server-side parameters from `segment_parameters`. The sum is UInt128: it cannot wrap."""
+    return (
+        f"SELECT count() AS row_count, sum(toUInt128({hash_sql(table)})) AS checksum "
+        f"FROM {_mirror(table, database)} FINAL WHERE {key_range(table, lower_bound, upper_bound)}"
+    )
+
+
+def segment_rows_sql(
+    table: SyncedTable,
+    *,
+    database: str = CLICKHOUSE_DATABASE,
+    lower_bound: bool = True,
+    upper_bound: bool = True,
+) -> str:
+    """The key columns, `canonical` and `row_hash` of every live mirror row in the segment, in key order."""
+    keys = ", ".join(backtick(table.column(k).target_name) for k in table.key)
+    return (
+        f"SELECT {keys}, {canonical_sql(table)} AS canonical, {hash_sql(table)} AS row_hash "
+        f"FROM {_mirror(table, database)} FINAL WHERE {key_range(table, lower_bound, upper_bound)} "
+        f"ORDER BY {keys}"
+    )
+
+
+def segment_checksum(
+    client: ClickHouseClient,
+    table: SyncedTable,
+    lo: Any = None,
+    hi: Any = None,
+    *,
+    database: str = CLICKHOUSE_DATABASE,
+) -> tuple[int, int]:
+    """(count, sum of row_hash) of the live mirror rows with key in [lo, hi), computed inside ClickHouse."""
+    query = segment_checksum_sql(table, database=database, lower_bound=lo is not None, upper_bound=hi is not None)
+    row = client.query(query, parameters=segment_parameters(table, lo, hi)).result_rows[0]
+    return int(row[0]), int(row[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reconcile side
+
+
+class ClickHouseSide:
+    """A ReplacingMergeTree mirror, read with FINAL and without deleted rows."""
+
+    def __init__(self, client: ClickHouseClient, table: SyncedTable, *, database: str = CLICKHOUSE_DATABASE):
+        self.ch, self.table, self.database = client, table, database
+        key = single_key(table)
+        self.label = "clickhouse"
+        # arrayCount compares each row with every point (PostgreSQL's width_bucket searches): keep splits small.
+        self.max_parts = 256
+        self._key = backtick(table.column(key).target_name)
+        self._key_type = CH_KEY_TYPES[table.column(key).type]
+        self._mirror = f"{backtick(database)}.{backtick(table.clickhouse_table)}"
+
+    def _where(self, seg: Segment) -> str:
+        return key_range(self.table, seg.lo is not None, seg.hi is not None)
+
+    def day_checksums(self) -> dict[date | None, Checksum]:
+        day = (
+            f"toDate({backtick(self.table.column(self.table.created_at).target_name)}, 'UTC')"
+            if self.table.created_at
+            else "CAST(NULL AS Nullable(Date))"
+        )
+        query = (
+            f"SELECT {day} AS d, count(), sum(toUInt128({hash_sql(self.table)})) "
+            f"FROM {self._mirror} FINAL WHERE {self._where(Segment())} GROUP BY d"
+        )
+        return sum_by_day(self.ch.query(query).result_rows)
+
+    def checksum(self, seg: Segment) -> Checksum:
+        count, total = segment_checksum(self.ch, self.table, seg.lo, seg.hi, database=self.database)
+        return Checksum(count, total)
+
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        query = (
+            f"SELECT arrayCount(p -> p <= {self._key}, {{points:Array({self._key_type})}}) AS b, count(), "
+            f"sum(toUInt128({hash_sql(self.table)})) FROM {self._mirror} FINAL "
+            f"WHERE {self._where(seg)} GROUP BY b"
+        )
+        params = {**segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
+        return buckets(self.ch.query(query, parameters=params).result_rows, len(points) + 1)
+
+    def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
+        query = f"SELECT min({self._key}), max({self._key}), count() FROM {self._mirror} FINAL WHERE {self._where(seg)}"
+        lo, hi, n = self.ch.query(query, parameters=segment_parameters(self.table, seg.lo, seg.hi)).result_rows[0]
+        return None if not n else (lo, hi)
+
+    def split_points(self, seg: Segment, parts: int, count: int) -> list[Key]:
+        step = max(1, math.ceil(count / parts))
+        query = (
+            f"SELECT k FROM (SELECT {self._key} AS k, row_number() OVER (ORDER BY {self._key}) AS rn "
+            f"FROM {self._mirror} FINAL WHERE {self._where(seg)}) WHERE rn % {{step:UInt64}} = 1 AND rn > 1 ORDER BY k"
+        )
+        params = {**segment_parameters(self.table, seg.lo, seg.hi), "step": step}
+        return [r[0] for r in self.ch.query(query, parameters=params).result_rows]
+
+    def rows(self, seg: Segment) -> dict[Key, str]:
+        query = segment_rows_sql(
+            self.table, database=self.database, lower_bound=seg.lo is not None, upper_bound=seg.hi is not None
+        )
+        result = self.ch.query(query, parameters=segment_parameters(self.table, seg.lo, seg.hi))
+        return {r[0]: r[1] for r in result.result_rows}
+
+    def rows_for_keys(self, keys: Sequence[Key]) -> dict[Key, str]:
+        query = (
+            f"SELECT {self._key}, {canonical_sql(self.table)} FROM {self._mirror} FINAL "
+            f"WHERE {self._where(Segment())} AND {self._key} IN {{keys:Array({self._key_type})}}"
+        )
+        out: dict[Key, str] = {}
+        for chunk in chunks(keys):
+            out.update({r[0]: r[1] for r in self.ch.query(query, parameters={"keys": chunk}).result_rows})
+        return out
+
+    def changed_keys(self, since: datetime) -> set[Key]:
+        if not self.table.updated_at:
+            raise no_updated_at(self.table)
+        updated = backtick(self.table.column(self.table.updated_at).target_name)
+        query = (
+            f"SELECT {self._key} FROM {self._mirror} FINAL WHERE {self._where(Segment())} "
+            f"AND {updated} >= {{since:DateTime64(6, 'UTC')}}"
+        )
+        since_text = format_timestamp(since).rstrip("Z").replace("T", " ")
+        return {r[0] for r in self.ch.query(query, parameters={"since": since_text}).result_rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The writer
+
+
+def _is_transient_clickhouse(exc: BaseException) -> bool:
+    return isinstance(exc, ch_errors.OperationalError | ch_errors.StreamFailureError | ConnectionError | OSError)
+
+
+# ClickHouse errors that are about the values of the rows sent (so about one record), by error name. Every
+# other server error (UNKNOWN_TABLE, TOO_MANY_PARTS, MEMORY_LIMIT_EXCEEDED, TABLE_IS_READ_ONLY, READONLY,
+# NOT_ENOUGH_SPACE, ...) concerns the table or the server and holds the batch.
+CLICKHOUSE_ROW_ERRORS = frozenset(
+    {
+        "CANNOT_PARSE_TEXT",
+        "CANNOT_PARSE_NUMBER",
+        "CANNOT_PARSE_DATE",
+        "CANNOT_PARSE_DATETIME",
+        "CANNOT_PARSE_QUOTED_STRING",
+        "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+        "CANNOT_PARSE_ESCAPE_SEQUENCE",
+        "CANNOT_READ_ARRAY_FROM_TEXT",
+        "CANNOT_CONVERT_TYPE",
+        "CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN",
+        "ARGUMENT_OUT_OF_BOUND",
+        "DECIMAL_OVERFLOW",
+        "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+        "TOO_LARGE_STRING_SIZE",
+        "TOO_LARGE_ARRAY_SIZE",
+        "INCORRECT_DATA",
+        "TYPE_MISMATCH",
+    }
+)
+_CLICKHOUSE_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
+# Raised while clickhouse-connect serialises a value on the client: always about that value.
+_CLIENT_VALUE_ERRORS = (ch_errors.DataError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
+
+
+def clickhouse_error_name(exc: BaseException) -> str | None:
+    """The error name a ClickHouse server error carries ("... (UNKNOWN_TABLE)"), None when it has none."""
+    names = _CLICKHOUSE_ERROR_NAME.findall(str(exc))
+    return names[-1] if names else None
+
+
+def clickhouse_fault(exc: BaseException) -> str:
+    """Whether `exc` is about the values of the rows sent ("row") or the store refuses the write as such ("store")."""
+    if isinstance(exc, _CLIENT_VALUE_ERRORS):
+        return "row"
+    if isinstance(exc, ch_errors.DatabaseError) and clickhouse_error_name(exc) in CLICKHOUSE_ROW_ERRORS:
+        return "row"
+    return "store"
+
+
+def _clickhouse_store_error(target: str, exc: BaseException) -> TransientStoreError:
+    if _is_transient_clickhouse(exc):
+        return TransientStoreError(f"ClickHouse unavailable: {type(exc).__name__}: {exc}")
+    name = clickhouse_error_name(exc) or type(exc).__name__
+    return StoreRefusedError(f"ClickHouse refuses writes to {target} ({name}); holding the batch: {exc}")
+
+
+class ClickHouseWriter:
+    # Mirrors hold the row as it is; search documents also show fields of other tables.
+    enriched_rows = False
+
+    def __init__(self, client: ClickHouseClient, database: str = CLICKHOUSE_DATABASE):
+        self.client = client
+        self.database = database
+
+    def _insert(self, table: SyncedTable, rows: list[list[Any]]) -> None:
+        self.client.insert(f"{self.database}.{table.clickhouse_table}", rows, column_names=clickhouse_columns(table))
+
+    def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
+        return self.send(self.prepare(items))
+
+    def truncate(self, table: SyncedTable, version: int) -> int:
+        """Every live row of the mirror older than `version` becomes a tombstone at `version` (a TRUNCATE)."""
+        target = f"{self.database}.{table.clickhouse_table}"
+        keys = ", ".join(backtick(table.column(k).target_name) for k in table.key)
+        try:
+            rows = self.client.query(
+                f"SELECT {keys} FROM {target} FINAL WHERE version < {{v:UInt64}}", parameters={"v": version}
+            ).result_rows
+        except Exception as exc:
+            raise _clickhouse_store_error(target, exc) from exc
+        items = [WriteItem(table, dict(zip(table.key, r, strict=True)), version, True) for r in rows]
+        return tombstones_written(self.write(items), target)
+
+    def prepare(self, items: Sequence[WriteItem]) -> Prepared:
+        """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
+        out = WriteOutcome()
+        by_table: dict[str, list[tuple[WriteItem, list[Any]]]] = defaultdict(list)
+        for item in items:
+            try:
+                by_table[item.table.name].append(
+                    (item, to_clickhouse_row(item.table, item.row, version=item.version, deleted=item.deleted))
+                )
+            except (ValueError, TypeError, KeyError) as exc:
+                out.poison.append((item, exc))
+        return Prepared(out, by_table)
+
+    def send(self, prepared: Prepared) -> WriteOutcome:
+        out, by_table = prepared.outcome, prepared.payload
+        for pairs in by_table.values():
+            table = pairs[0][0].table
+            target = f"{self.database}.{table.clickhouse_table}"
+            try:
+                self._insert(table, [r for _, r in pairs])
+                out.written += len(pairs)
+                continue
+            except Exception as exc:
+                if clickhouse_fault(exc) == "store":
+                    raise _clickhouse_store_error(target, exc) from exc
+            # A value was refused: find the rows ClickHouse refuses on their own. A store-wide error met on the
+            # way still holds the whole batch.
+            for item, row in pairs:
+                try:
+                    self._insert(table, [row])
+                    out.written += 1
+                except Exception as exc:
+                    if clickhouse_fault(exc) == "store":
+                        raise _clickhouse_store_error(target, exc) from exc
+                    out.poison.append((item, exc))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema: applied from `sql/clickhouse/`, checked against the catalog
+
+SCHEMA_FILES = ("mirrors.sql", "aggregates.sql", "aggregates_staging.sql")
+
+
+def apply_schema(client: ClickHouseClient) -> Iterator[str]:
+    for name in SCHEMA_FILES:
+        n = clickhouse_client.run_script(client, read_sql("clickhouse", name))
+        yield f"clickhouse: applied sql/clickhouse/{name} ({n} statements)"
+
+
+# The mirror's type per catalog type (LowCardinality and Nullable unwrapped; Decimal's precision free).
+MIRROR_TYPES = {
+    "text": r"String",
+    "int": r"Int32",
+    "bigint": r"Int64",
+    "bool": r"Bool|UInt8",
+    "numeric": r"Decimal\(\d+, {scale}\)",
+    "timestamptz": r"DateTime64\(6, 'UTC'\)",
+    "text[]": r"Array\(String\)",
+    "jsonb": r"String",
+}
+
+
+def _unwrap(ch_type: str) -> str:
+    for wrapper in ("LowCardinality", "Nullable"):
+        m = re.fullmatch(rf"{wrapper}\((.*)\)", ch_type)
+        if m:
+            ch_type = m.group(1)
+    return _unwrap(ch_type) if ch_type.startswith(("LowCardinality(", "Nullable(")) else ch_type
+
+
+def mirror_errors(table: SyncedTable, columns: Mapping[str, str], where: str | None = None) -> list[str]:
+    """What in a mirror's `columns` (name -> ClickHouse type) contradicts the catalog. Used on the live mirror and
+    on the DDL in `sql/clickhouse/` alike."""
+    where = where or f"mirror {CLICKHOUSE_DATABASE}.{table.clickhouse_table}"
+    if not columns:
+        return [f"ClickHouse: {where} does not exist"]
+    errors = []
+    for c in table.columns:
+        found = columns.get(c.target_name)
+        pattern = MIRROR_TYPES[c.type].replace("{scale}", str(c.scale))
+        if found is None:
+            errors.append(f"ClickHouse: {where} has no column {c.target_name} (for {c.name})")
+        elif not re.fullmatch(pattern, _unwrap(found)):
+            errors.append(f"ClickHouse: {where}: {c.target_name} is {found}, expected {pattern}")
+        elif c.nullable != found.replace("LowCardinality(", "").startswith("Nullable("):
+            errors.append(f"ClickHouse: {where}: {c.target_name} is {found}, nullable must be {c.nullable}")
+    for meta in (CLICKHOUSE_VERSION_COLUMN, CLICKHOUSE_DELETED_COLUMN):
+        if meta not in columns:
+            errors.append(f"ClickHouse: {where} has no {meta} column")
+    return errors
+
+
+def schema_errors(client: ClickHouseClient, table: SyncedTable, database: str = CLICKHOUSE_DATABASE) -> list[str]:
+    rows = client.query(
+        "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+        parameters={"db": database, "t": table.clickhouse_table},
+    ).result_rows
+    return mirror_errors(table, {r[0]: r[1] for r in rows}, f"mirror {database}.{table.clickhouse_table}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+
+
+def newest_versions(client: ClickHouseClient, database: str = CLICKHOUSE_DATABASE) -> dict[str, int]:
+    """The highest version in each mirror (0 when empty), tombstones included."""
+    out = {}
+    for t in TABLES:
+        query = f"SELECT max({backtick(CLICKHOUSE_VERSION_COLUMN)}) FROM {_mirror(t, database)}"
+        out[t.name] = int(client.query(query).result_rows[0][0] or 0)
+    return out
+
+
+class ClickHouseStore:
+    """The analytics store: a mirror per synced table, rows exactly as PostgreSQL holds them."""
+
+    name = "clickhouse"
+    title = "ClickHouse"
+    shape: Shape = "mirror"
+    dlq_topic = "dlq-clickhouse-failed"
+
+    def holds(self, table: SyncedTable) -> bool:
+        return True
+
+    def location(self, table: SyncedTable) -> str:
+        return f"{CLICKHOUSE_DATABASE}.{table.clickhouse_table}"
+
+    @contextmanager
+    def connect(self, settings: Settings) -> Iterator[ClickHouseClient]:
+        with clickhouse_client.connection(settings.clickhouse_dsn) as client:
+            yield client
+
+    def writer(self, client: ClickHouseClient) -> ClickHouseWriter:
+        return ClickHouseWriter(client)
+
+    def side(
+        self,
+        client: ClickHouseClient,
+        table: SyncedTable,
+        *,
+        full: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Side:
+        # A mirror's checksums are always computed from its data: `full` has nothing more to read.
+        return ClickHouseSide(client, table)
+
+    def newest_versions(self, client: ClickHouseClient) -> dict[str, int]:
+        return newest_versions(client)
+
+    def apply_schema(self, client: ClickHouseClient) -> Iterator[str]:
+        return apply_schema(client)
+
+    def schema_errors(self, client: ClickHouseClient, table: SyncedTable) -> list[str]:
+        return schema_errors(client, table)
+
+    def make_visible(self, client: ClickHouseClient, table: SyncedTable) -> None:
+        """An insert is visible to the next query (FINAL merges at read time)."""
+
+
+CLICKHOUSE = ClickHouseStore()

@@ -1,0 +1,340 @@
+"""PostgreSQL, the source of truth: its spelling of canonical rows, the derived fields' SQL, and its reconcile side.
+
+Every expression here is built with psycopg's `sql` module: identifiers from the catalog are quoted, values are
+parameters. The functions in `sql/postgres/canonical.sql` (`ops.canonical_text_array`, `ops.canonical_jsonb`) must
+be installed (`knowton schema apply`).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from knowton_pipeline.catalog import Column, DerivedField, SyncedTable
+from knowton_pipeline.catalog import table as catalog_table
+from knowton_pipeline.lib.canonical import Shape, key_columns, plan, segment_parameters
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
+from knowton_pipeline.lib.stores.base import buckets, chunks, no_updated_at, single_key, sum_by_day
+
+# ---------------------------------------------------------------------------------------------------------------
+# PostgreSQL spellings: expressions over `alias.column`. E'' literals mean the same whatever
+# standard_conforming_strings says. text[] and jsonb need the functions in sql/postgres/canonical.sql.
+
+_PG_NULL = sql.SQL(r"E'\\N'")
+_PG_SEPARATOR = sql.SQL(r" || E'\t' || ")
+_PG_TEXT = r"replace(replace({v}, E'\\', E'\\\\'), E'\t', E'\\t')"
+_PG_TIMESTAMP = "to_char({v} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+
+def _postgres_spelling(column: Column) -> Callable[[sql.Composable], sql.Composable]:
+    templates = {
+        "text": _PG_TEXT,
+        "int": "{v}::text",
+        "bigint": "{v}::text",
+        "bool": "CASE WHEN {v} THEN 't' ELSE 'f' END",
+        # round() pins the scale even where the column's typmod would not (a view, an unconstrained numeric).
+        "numeric": "round({v}, {scale})::text",
+        "timestamptz": _PG_TIMESTAMP,
+        "text[]": "ops.canonical_text_array({v})",
+        "jsonb": "ops.canonical_jsonb({v})",
+    }
+    template = sql.SQL(templates[column.type])
+    scale = sql.Literal(column.scale or 0)
+
+    def spell(value: sql.Composable) -> sql.Composable:
+        expression = template.format(v=value, scale=scale) if column.type == "numeric" else template.format(v=value)
+        # Every column, NOT NULL or not: a NULL must never turn the whole row's string into NULL.
+        return sql.SQL("coalesce({}, {})").format(expression, _PG_NULL)
+
+    return spell
+
+
+PG_KEY_TYPES = {"text": "text", "int": "integer", "bigint": "bigint"}
+
+
+def key_range(table: SyncedTable, alias: str, lower_bound: bool, upper_bound: bool) -> sql.Composable:
+    columns = key_columns(table)
+    # COLLATE "C": compare text keys by their UTF-8 bytes, as ClickHouse and Elasticsearch do, whatever the
+    # database's collation; otherwise a segment would not hold the same keys in every store.
+    keys = [
+        sql.SQL('{} COLLATE "C"' if c.type == "text" else "{}").format(sql.Identifier(alias, c.name)) for c in columns
+    ]
+
+    def bound(prefix: str) -> sql.Composable:
+        values = [
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(PG_KEY_TYPES[c.type]))
+            for i, c in enumerate(columns)
+        ]
+        return values[0] if len(values) == 1 else sql.SQL("ROW({})").format(sql.SQL(", ").join(values))
+
+    key = keys[0] if len(keys) == 1 else sql.SQL("ROW({})").format(sql.SQL(", ").join(keys))
+    conditions: list[sql.Composable] = []
+    if lower_bound:
+        conditions.append(sql.SQL("{} >= {}").format(key, bound("lo")))
+    if upper_bound:
+        conditions.append(sql.SQL("{} < {}").format(key, bound("hi")))
+    return sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+
+
+# Relations standing in for the tables derived fields are computed from, by table name (scratch copies in tests).
+Sources = Mapping[str, sql.Composable]
+
+
+def derived_sql(field: DerivedField, alias: str = "t", *, sources: Sources | None = None) -> sql.Composed:
+    """The catalog's definition of `field` as an expression for the row `alias`: `{row}` becomes the alias, a
+    source table's name the table (or its stand-in from `sources`), any other name a quoted identifier."""
+    values: dict[str, sql.Composable] = {}
+    for _, name, _, _ in string.Formatter().parse(field.sql):
+        if name is None or name in values:
+            continue
+        if name == "row":
+            values[name] = sql.Identifier(alias)
+        elif name in field.sources:
+            source = catalog_table(name)
+            values[name] = (sources or {}).get(name) or sql.Identifier(source.schema, source.name)
+        else:
+            values[name] = sql.Identifier(name)
+    return sql.SQL(field.sql).format(**values)
+
+
+def canonical_sql(
+    table: SyncedTable, alias: str = "t", *, shape: Shape = "mirror", sources: Sources | None = None
+) -> sql.Composed:
+    """An expression for the canonical string of the row `alias` (a row of `table`, or of a table shaped like it).
+    For a search document the derived fields are computed from their source tables by the catalog's definition."""
+    fields = [
+        _postgres_spelling(f.column)(
+            sql.Identifier(alias, f.column.name)
+            if f.derived is None
+            else derived_sql(f.derived, alias, sources=sources)
+        )
+        for f in plan(table, shape).fields
+    ]
+    return sql.Composed([sql.SQL("("), _PG_SEPARATOR.join(fields), sql.SQL(")")])
+
+
+def hash_sql(
+    table: SyncedTable, alias: str = "t", *, shape: Shape = "mirror", sources: Sources | None = None
+) -> sql.Composed:
+    """An expression for `row_hash` of the row `alias`, as bigint."""
+    return sql.SQL("('x' || right(md5({}), 15))::bit(60)::bigint").format(
+        canonical_sql(table, alias, shape=shape, sources=sources)
+    )
+
+
+def _relation(table: SyncedTable, relation: sql.Composable | None) -> sql.Composable:
+    return relation if relation is not None else sql.Identifier(table.schema, table.name)
+
+
+def segment_checksum_sql(
+    table: SyncedTable,
+    *,
+    relation: sql.Composable | None = None,
+    shape: Shape = "mirror",
+    sources: Sources | None = None,
+    lower_bound: bool = True,
+    upper_bound: bool = True,
+) -> sql.Composed:
+    """`SELECT row_count, checksum` (count and numeric sum of `row_hash`) over the rows whose key is in
+    [%(lo_0)s, %(hi_0)s); parameters from `segment_parameters`. `relation` replaces the table (a scratch copy),
+    `sources` the tables derived fields come from."""
+    return sql.SQL(
+        "SELECT count(*) AS row_count, coalesce(sum({hash}), 0) AS checksum FROM {rel} AS t WHERE {range}"
+    ).format(
+        hash=hash_sql(table, "t", shape=shape, sources=sources),
+        rel=_relation(table, relation),
+        range=key_range(table, "t", lower_bound, upper_bound),
+    )
+
+
+def segment_rows_sql(
+    table: SyncedTable,
+    *,
+    relation: sql.Composable | None = None,
+    shape: Shape = "mirror",
+    sources: Sources | None = None,
+    lower_bound: bool = True,
+    upper_bound: bool = True,
+) -> sql.Composed:
+    """The key columns, `canonical` and `row_hash` of every row in the segment, in key order (bytes for text)."""
+    keys = [
+        sql.SQL('{} COLLATE "C"' if table.column(k).type == "text" else "{}").format(sql.Identifier("t", k))
+        for k in table.key
+    ]
+    return sql.SQL(
+        "SELECT {keys}, {canonical} AS canonical, {hash} AS row_hash FROM {rel} AS t WHERE {range} ORDER BY {order}"
+    ).format(
+        keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in table.key),
+        canonical=canonical_sql(table, "t", shape=shape, sources=sources),
+        hash=hash_sql(table, "t", shape=shape, sources=sources),
+        rel=_relation(table, relation),
+        range=key_range(table, "t", lower_bound, upper_bound),
+        order=sql.SQL(", ").join(keys),
+    )
+
+
+def segment_checksum(
+    conn: psycopg.Connection,
+    table: SyncedTable,
+    lo: Any = None,
+    hi: Any = None,
+    *,
+    relation: sql.Composable | None = None,
+    shape: Shape = "mirror",
+    sources: Sources | None = None,
+) -> tuple[int, int]:
+    """(count, sum of row_hash) of the rows with key in [lo, hi), computed inside PostgreSQL."""
+    query = segment_checksum_sql(
+        table,
+        relation=relation,
+        shape=shape,
+        sources=sources,
+        lower_bound=lo is not None,
+        upper_bound=hi is not None,
+    )
+    row = conn.execute(query, segment_parameters(table, lo, hi)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema check
+
+# What a catalog type is called by information_schema (data_type, or udt_name for arrays).
+INFORMATION_SCHEMA_TYPES = {
+    "text": "text",
+    "int": "integer",
+    "bigint": "bigint",
+    "bool": "boolean",
+    "numeric": "numeric",
+    "timestamptz": "timestamp with time zone",
+    "text[]": "_text",
+    "jsonb": "jsonb",
+}
+
+
+def live_columns(conn: psycopg.Connection, table: SyncedTable) -> dict[str, tuple[str, int | None]]:
+    """Column name -> (information_schema type, numeric scale) of the table as PostgreSQL has it now."""
+    rows = conn.execute(
+        "SELECT column_name, CASE WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END, numeric_scale "
+        "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+        (table.schema, table.name),
+    ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def column_errors(table: SyncedTable, columns: Mapping[str, tuple[str, int | None]]) -> list[str]:
+    """What in `columns` (as `live_columns` gives them) contradicts the catalog: a dropped or retyped column."""
+    if not columns:
+        return [f"PostgreSQL has no table {table.qualified_name}"]
+    errors = []
+    for c in table.columns:
+        if c.name not in columns:
+            errors.append(f"PostgreSQL: column {c.name} was dropped (the catalog syncs it as {c.type})")
+            continue
+        found, scale = columns[c.name]
+        expected = INFORMATION_SCHEMA_TYPES[c.type]
+        if found != expected or (c.type == "numeric" and scale != c.scale):
+            shown = f"{found}({scale})" if found == "numeric" else found
+            wanted = f"numeric(scale {c.scale})" if c.type == "numeric" else expected
+            errors.append(f"PostgreSQL: column {c.name} is {shown}, the catalog expects {wanted}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reconcile side
+
+
+class PostgresSide:
+    """The source: a PostgreSQL table, its canonical rows spelled in the target's shape."""
+
+    def __init__(self, conn: psycopg.Connection, table: SyncedTable, *, shape: Shape):
+        self.conn, self.table, self.shape = conn, table, shape
+        self.key = single_key(table)
+        self.label = "postgresql"
+        self.max_parts = 4096
+        self._rel = sql.Identifier(table.schema, table.name)
+        self._key_expr = sql.SQL('t.{} COLLATE "C"' if table.column(self.key).type == "text" else "t.{}").format(
+            sql.Identifier(self.key)
+        )
+
+    def _range(self, seg: Segment) -> sql.Composable:
+        return key_range(self.table, "t", seg.lo is not None, seg.hi is not None)
+
+    def day_checksums(self) -> dict[date | None, Checksum]:
+        day = (
+            sql.SQL("(t.{} AT TIME ZONE 'UTC')::date").format(sql.Identifier(self.table.created_at))
+            if self.table.created_at
+            else sql.SQL("NULL::date")
+        )
+        query = sql.SQL("SELECT {day} AS d, count(*), coalesce(sum({hash}), 0) FROM {rel} AS t GROUP BY 1").format(
+            day=day, hash=hash_sql(self.table, "t", shape=self.shape), rel=self._rel
+        )
+        return sum_by_day(self.conn.execute(query).fetchall())
+
+    def checksum(self, seg: Segment) -> Checksum:
+        count, total = segment_checksum(self.conn, self.table, seg.lo, seg.hi, shape=self.shape)
+        return Checksum(count, total)
+
+    def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
+        # width_bucket counts the points at or below the key, compared in the key's (byte) collation.
+        query = sql.SQL(
+            "SELECT width_bucket({k}, %(points)s::{array}) AS b, count(*), coalesce(sum({hash}), 0) "
+            "FROM {rel} AS t WHERE {range} GROUP BY b"
+        ).format(
+            k=self._key_expr,
+            array=sql.SQL(PG_KEY_TYPES[self.table.column(self.key).type] + "[]"),
+            hash=hash_sql(self.table, "t", shape=self.shape),
+            rel=self._rel,
+            range=self._range(seg),
+        )
+        params = {**segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
+        return buckets(self.conn.execute(query, params).fetchall(), len(points) + 1)
+
+    def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
+        query = sql.SQL("SELECT min({k}), max({k}) FROM {rel} AS t WHERE {range}").format(
+            k=self._key_expr, rel=self._rel, range=self._range(seg)
+        )
+        row = self.conn.execute(query, segment_parameters(self.table, seg.lo, seg.hi)).fetchone()
+        return None if row is None or row[0] is None else (row[0], row[1])
+
+    def split_points(self, seg: Segment, parts: int, count: int) -> list[Key]:
+        step = max(1, math.ceil(count / parts))
+        query = sql.SQL(
+            "SELECT k FROM (SELECT t.{key} AS k, row_number() OVER (ORDER BY {order}) AS rn FROM {rel} AS t "
+            "WHERE {range}) s WHERE rn %% %(step)s = 1 AND rn > 1 ORDER BY rn"
+        ).format(key=sql.Identifier(self.key), order=self._key_expr, rel=self._rel, range=self._range(seg))
+        params = {**segment_parameters(self.table, seg.lo, seg.hi), "step": step}
+        return [r[0] for r in self.conn.execute(query, params).fetchall()]
+
+    def rows(self, seg: Segment) -> dict[Key, str]:
+        query = segment_rows_sql(
+            self.table, shape=self.shape, lower_bound=seg.lo is not None, upper_bound=seg.hi is not None
+        )
+        rows = self.conn.execute(query, segment_parameters(self.table, seg.lo, seg.hi)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def rows_for_keys(self, keys: Sequence[Key]) -> dict[Key, str]:
+        query = sql.SQL("SELECT t.{key}, {canonical} FROM {rel} AS t WHERE t.{key} = ANY(%s)").format(
+            key=sql.Identifier(self.key),
+            canonical=canonical_sql(self.table, "t", shape=self.shape),
+            rel=self._rel,
+        )
+        out: dict[Key, str] = {}
+        for chunk in chunks(keys):
+            out.update({r[0]: r[1] for r in self.conn.execute(query, (chunk,)).fetchall()})
+        return out
+
+    def changed_keys(self, since: datetime) -> set[Key]:
+        if not self.table.updated_at:
+            raise no_updated_at(self.table)
+        query = sql.SQL("SELECT t.{key} FROM {rel} AS t WHERE t.{updated} >= %s").format(
+            key=sql.Identifier(self.key), rel=self._rel, updated=sql.Identifier(self.table.updated_at)
+        )
+        return {r[0] for r in self.conn.execute(query, (since,)).fetchall()}
