@@ -103,8 +103,7 @@ def main() -> int:
             "FROM pg_replication_slots WHERE slot_name = 'knowton_cdc_slot'"
         ).fetchone()
         conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state LIKE 'idle in transaction%%'"
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%%'"
         ).fetchall()
         consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
         try:

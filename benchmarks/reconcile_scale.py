@@ -159,7 +159,9 @@ def index_documents(conn: psycopg.Connection, es: Elasticsearch) -> None:
 
 def reconciler(conn: psycopg.Connection, target: Any, name: str, **options: Any) -> Reconciler:
     opts = ReconcileOptions(**{"settle_seconds": 0, **options})
-    return Reconciler(TABLE, target_store(name), PostgresSide(conn, TABLE, shape=target_store(name).shape), target, opts)  # type: ignore[arg-type]
+    return Reconciler(
+        TABLE, target_store(name), PostgresSide(conn, TABLE, shape=target_store(name).shape), target, opts
+    )  # type: ignore[arg-type]
 
 
 _VERSIONS = iter(range(2, 1 << 62))
@@ -233,10 +235,7 @@ def main() -> None:
                 t, _ = timed(lambda: index_documents(conn, es))
                 print(f"  indexed in {t:.1f} s")
         rows = conn.execute("SELECT count(*) FROM bench.events").fetchone()[0]  # type: ignore[index]
-        floor = [
-            timed(lambda: pg_store.segment_checksum(conn, TABLE))[0]
-            for _ in range(args.repeat)
-        ]
+        floor = [timed(lambda: pg_store.segment_checksum(conn, TABLE))[0] for _ in range(args.repeat)]
         f = statistics.median(floor)
         print(f"\n{rows:,} rows; floor (PostgreSQL checksum scan alone): median {f:.2f} s ({rows / f:,.0f} rows/s)")
         targets: list[tuple[str, Callable[[], Any], Elasticsearch | None, dict[str, Any]]] = [

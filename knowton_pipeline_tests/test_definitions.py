@@ -67,7 +67,9 @@ def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
         "reprocess_dlq",
         "restart_failed_connectors",
         "health_checks",
+        "maintenance",
     }
+    assert d.resolve_job_def("maintenance").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("repair").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("reprocess_dlq").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("apply_cdc").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
@@ -117,6 +119,23 @@ def test_health_checks_cover_every_synced_table_and_the_replication_slot() -> No
     for t in ("User", "Content", "Purchase"):
         assert (f"postgres/public/{t}", "schema_matches_stores") in checks
     assert {("postgres/ops/heartbeat", "replication_slot"), ("postgres/ops/heartbeat", "end_to_end_lag")} <= checks
+    stored = {a for a, name in checks if name == "storage"}
+    assert stored == {
+        "clickhouse/knowton/users",
+        "clickhouse/knowton/contents",
+        "clickhouse/knowton/purchases",
+        "elasticsearch/knowton-users",
+        "elasticsearch/knowton-contents",
+    }
+
+
+def test_maintenance_runs_daily_and_dagster_prunes_its_own_ticks() -> None:
+    schedule = _defs().resolve_schedule_def("maintenance_daily")
+    assert schedule.job_name == "maintenance" and schedule.cron_schedule == "15 4 * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    retention = yaml.safe_load((PROJECT_ROOT / "config" / "dagster.yaml").read_text())["retention"]
+    assert retention["schedule"]["purge_after_days"] == 90
+    assert set(retention["sensor"]["purge_after_days"]) == {"skipped", "failure", "success"}
 
 
 def test_sensors_snapshot() -> None:

@@ -16,7 +16,11 @@ def test_defaults_work_without_any_variable(tmp_path) -> None:  # type: ignore[n
     assert s.clickhouse_dsn == f"chdb://{tmp_path / 'clickhouse'}"
 
 
-@given(st.text(min_size=1).filter(lambda v: not (v.strip().isascii() and v.strip().isdigit() and 1 <= int(v.strip()) <= 65535)))
+@given(
+    st.text(min_size=1).filter(
+        lambda v: not (v.strip().isascii() and v.strip().isdigit() and 1 <= int(v.strip()) <= 65535)
+    )
+)
 def test_any_non_port_value_is_refused_naming_variable_and_value(value: str) -> None:
     with pytest.raises(SettingsError) as err:
         Settings.from_env({"KNOWTON_ES_PORT": value})

@@ -67,3 +67,22 @@ CREATE TABLE IF NOT EXISTS ops.reconcile_diffs (
     verified      boolean     NULL,
     PRIMARY KEY (reconcile_id, key)
 );
+
+-- WAL positions noted by each maintenance run, so a version (an LSN) can be given an age: the tombstone purge
+-- removes deletes older than its window, i.e. below the newest position noted at least that long ago.
+CREATE TABLE IF NOT EXISTS ops.wal_marks (
+    noted_at timestamptz NOT NULL PRIMARY KEY DEFAULT now(),
+    lsn      bigint      NOT NULL
+);
+
+-- Every tombstone purge: which store, below which version, how many keys it removed. The highest
+-- below_version is the purge horizon: a write versioned below it could resurrect a purged delete, so the apply
+-- and the DLQ replay refuse it.
+CREATE TABLE IF NOT EXISTS ops.purges (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    purged_at     timestamptz NOT NULL DEFAULT now(),
+    store         text        NOT NULL,
+    table_name    text        NOT NULL,
+    below_version bigint      NOT NULL,
+    removed       bigint      NOT NULL
+);

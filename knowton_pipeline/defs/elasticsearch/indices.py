@@ -100,8 +100,6 @@ def rebuild_search_index() -> None:
     rebuild_search_index_op()
 
 
-
-
 @dg.definitions
 def defs() -> dg.Definitions:
     return dg.Definitions(assets=[index_asset(t) for t in SEARCHABLE], jobs=[rebuild_search_index])

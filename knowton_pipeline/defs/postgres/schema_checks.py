@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 
 from knowton_pipeline.catalog import TABLES
+from knowton_pipeline.defs.maintenance.jobs import storage_checks
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
 from knowton_pipeline.defs.postgres.replication import replication_health
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, ElasticsearchResource, PostgresResource
@@ -60,8 +61,8 @@ def schema_drift_checks(
 
 health_checks = dg.define_asset_job(
     "health_checks",
-    selection=dg.AssetSelection.checks(schema_drift_checks, replication_health),
-    description="Schema drift of every synced table, the replication slot and end-to-end lag.",
+    selection=dg.AssetSelection.checks(schema_drift_checks, replication_health, storage_checks),
+    description="Schema drift of every synced table, the replication slot, end-to-end lag and what each store keeps.",
 )
 
 health_checks_schedule = dg.ScheduleDefinition(

@@ -15,10 +15,9 @@ from pydantic import Field
 
 from knowton_pipeline.catalog import table
 from knowton_pipeline.defs.clickhouse.aggregates import aggregate_key
-from knowton_pipeline.defs.clickhouse.mirrors import mirror_key
-from knowton_pipeline.defs.elasticsearch.indices import index_key
 from knowton_pipeline.defs.partitions import DAILY
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, ElasticsearchResource, PostgresResource
+from knowton_pipeline.defs.store_assets import store_asset_key
 from knowton_pipeline.lib.aggregates import AGGREGATES
 from knowton_pipeline.lib.reconcile.engine import Mode
 from knowton_pipeline.lib.reconcile.flow import (
@@ -35,14 +34,12 @@ from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 
 CHECK_NAME = "matches_postgres"
 SAMPLE = 20
-# The asset that stands for a table in each target store: a store added to the registry adds its entry here.
-STORE_ASSET_KEYS = {CLICKHOUSE.name: mirror_key, ELASTICSEARCH.name: index_key}
 
 
 def pair_asset_key(name: str, target: str) -> dg.AssetKey:
     if is_aggregate(name):
         return aggregate_key(AGGREGATES[name])
-    return STORE_ASSET_KEYS[target](table(name))
+    return store_asset_key(target, table(name))
 
 
 def _pairs_by_check_key() -> dict[dg.AssetCheckKey, tuple[str, str]]:

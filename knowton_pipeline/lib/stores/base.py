@@ -203,6 +203,15 @@ class TargetStore(Protocol):
         """What in this store's copy of `table` contradicts the catalog (a missing or retyped column or field)."""
         ...
 
+    def purge_tombstones(self, client: Any, table: SyncedTable, below_version: int) -> int:
+        """Physically remove the deletes of `table` versioned below `below_version` (and the older rows of those
+        keys); a key written again at or above it stays. Returns how many keys were removed."""
+        ...
+
+    def storage(self, client: Any, table: SyncedTable) -> dict[str, int]:
+        """What this store keeps of `table`: `rows` (tombstones included), `tombstones`, `bytes`."""
+        ...
+
     def make_visible(self, client: Any, table: SyncedTable) -> None:
         """Make what was just written visible to the next read (a repair's re-verification)."""
         ...

@@ -463,6 +463,54 @@ def schema_errors(client: ClickHouseClient, table: SyncedTable, database: str = 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Housekeeping: tombstones past the purge horizon, and what the mirrors hold on disk
+
+PURGE_CHUNK = 10_000
+
+
+def purge_tombstones(client: ClickHouseClient, table: SyncedTable, below_version: int) -> int:
+    """Physically remove the keys whose newest row is a delete versioned below `below_version`, with every older
+    row of those keys (which FINAL would otherwise show again). Rows of those keys at or above it (a key written
+    again meanwhile) stay. Returns how many keys were removed."""
+    [key] = [backtick(table.column(k).target_name) for k in table.key]
+    key_type = CH_KEY_TYPES[table.column(table.key[0]).type]
+    mirror = _mirror(table, CLICKHOUSE_DATABASE)
+    version, deleted = backtick(CLICKHOUSE_VERSION_COLUMN), backtick(CLICKHOUSE_DELETED_COLUMN)
+    keys = [
+        r[0]
+        for r in client.query(
+            f"SELECT {key} FROM {mirror} GROUP BY {key} "
+            f"HAVING argMax({deleted}, {version}) = 1 AND max({version}) < {{below:UInt64}}",
+            parameters={"below": below_version},
+        ).result_rows
+    ]
+    for chunk in chunks(keys, PURGE_CHUNK):
+        client.command(
+            f"ALTER TABLE {mirror} DELETE WHERE {key} IN {{keys:Array({key_type})}} AND {version} < {{below:UInt64}}",
+            parameters={"keys": chunk, "below": below_version},
+            settings={"mutations_sync": 2},
+        )
+    return len(keys)
+
+
+def storage(client: ClickHouseClient, table: SyncedTable) -> dict[str, int]:
+    """What the mirror stores: rows (every version, tombstones included), tombstone rows, bytes on disk."""
+    parts = client.query(
+        "SELECT sum(rows), sum(bytes_on_disk) FROM system.parts "
+        "WHERE database = {db:String} AND table = {t:String} AND active",
+        parameters={"db": CLICKHOUSE_DATABASE, "t": table.clickhouse_table},
+    ).result_rows[0]
+    deleted = (
+        f"SELECT count() FROM {_mirror(table, CLICKHOUSE_DATABASE)} WHERE {backtick(CLICKHOUSE_DELETED_COLUMN)} = 1"
+    )
+    return {
+        "rows": int(parts[0] or 0),
+        "tombstones": int(client.query(deleted).result_rows[0][0]),
+        "bytes": int(parts[1] or 0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The store
 
 
@@ -516,6 +564,12 @@ class ClickHouseStore:
 
     def schema_errors(self, client: ClickHouseClient, table: SyncedTable) -> list[str]:
         return schema_errors(client, table)
+
+    def purge_tombstones(self, client: ClickHouseClient, table: SyncedTable, below_version: int) -> int:
+        return purge_tombstones(client, table, below_version)
+
+    def storage(self, client: ClickHouseClient, table: SyncedTable) -> dict[str, int]:
+        return storage(client, table)
 
     def make_visible(self, client: ClickHouseClient, table: SyncedTable) -> None:
         """An insert is visible to the next query (FINAL merges at read time)."""

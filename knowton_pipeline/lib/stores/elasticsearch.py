@@ -691,6 +691,66 @@ def schema_errors(es: Elasticsearch, table: SyncedTable) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Housekeeping: tombstones past the purge horizon, and what the indices hold on disk
+
+
+def _concrete(table: SyncedTable) -> str:
+    """Every versioned index behind the table's alias (which hides tombstones)."""
+    return f"{table.elasticsearch_index}-v*"
+
+
+def purge_tombstones(es: Elasticsearch, table: SyncedTable, below_version: int) -> int:
+    """Delete the tombstone documents versioned below `below_version`. Each delete is conditional on the document
+    being the one read (its sequence number), so a document written again meanwhile, with a higher version, is
+    not touched. (Scan and bulk rather than `_delete_by_query`, which lives in a module the core distribution
+    does not ship.) Returns how many were deleted."""
+    query = {
+        "bool": {"filter": [{"term": {ES_DELETED_FIELD: True}}, {"range": {ES_VERSION_FIELD: {"lt": below_version}}}]}
+    }
+    hits = es_helpers.scan(
+        es,
+        index=_concrete(table),
+        query={"query": query, "seq_no_primary_term": True},
+        _source=False,
+        size=5000,
+        ignore_unavailable=True,
+        allow_no_indices=True,
+    )
+    actions = (
+        {
+            "_op_type": "delete",
+            "_index": h["_index"],
+            "_id": h["_id"],
+            "if_seq_no": h["_seq_no"],
+            "if_primary_term": h["_primary_term"],
+        }
+        for h in hits
+    )
+    deleted = 0
+    for ok, item in es_helpers.streaming_bulk(es, actions, chunk_size=5000, raise_on_error=False):
+        status = item["delete"].get("status", 500)
+        if ok:
+            deleted += 1
+        elif status not in (404, 409):  # gone already, or written again meanwhile: both fine
+            raise StoreRefusedError(f"Elasticsearch refused a tombstone purge in {_concrete(table)}: {item}")
+    es.indices.refresh(index=_concrete(table), ignore_unavailable=True, allow_no_indices=True)
+    return deleted
+
+
+def storage(es: Elasticsearch, table: SyncedTable) -> dict[str, int]:
+    """What the indices behind the alias store: documents (tombstones included), tombstones, bytes."""
+    rows = es.cat.indices(index=_concrete(table), format="json", bytes="b", expand_wildcards="open")
+    tombstones = es.count(
+        index=_concrete(table), query={"term": {ES_DELETED_FIELD: True}}, ignore_unavailable=True, allow_no_indices=True
+    )["count"]
+    return {
+        "rows": sum(int(r.get("docs.count") or 0) for r in rows),
+        "tombstones": int(tombstones),
+        "bytes": sum(int(r.get("store.size") or 0) for r in rows),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The store
 
 
@@ -761,6 +821,12 @@ class ElasticsearchStore:
 
     def schema_errors(self, client: Elasticsearch, table: SyncedTable) -> list[str]:
         return schema_errors(client, table)
+
+    def purge_tombstones(self, client: Elasticsearch, table: SyncedTable, below_version: int) -> int:
+        return purge_tombstones(client, table, below_version)
+
+    def storage(self, client: Elasticsearch, table: SyncedTable) -> dict[str, int]:
+        return storage(client, table)
 
     def make_visible(self, client: Elasticsearch, table: SyncedTable) -> None:
         client.indices.refresh(index=self.location(table))

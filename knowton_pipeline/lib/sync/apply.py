@@ -26,6 +26,7 @@ from elasticsearch import ApiError, Elasticsearch
 from knowton_pipeline.catalog import CDC_TABLES, Dependency, SyncedTable, UnknownTableError, documents_fed_by
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
+from knowton_pipeline.lib.maintenance import check_not_below_horizon, purge_horizon
 from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome
 from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
@@ -131,6 +132,7 @@ class CdcApplier:
         self.producer = dlq.make_producer(config.bootstrap)
         self._pg: psycopg.Connection | None = None
         self._positions: dict[tuple[str, int], int] = {}
+        self._horizon = 0  # the tombstone purge horizon, read when a run starts
 
     # --- plumbing --------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
@@ -207,6 +209,7 @@ class CdcApplier:
         conn = self._pg_conn()
         try:
             source = source_position(conn)
+            self._horizon = purge_horizon(conn)
         finally:
             conn.rollback()
         try:
@@ -263,6 +266,9 @@ class CdcApplier:
             if event is None:
                 stats.tombstones += 1
                 continue
+            # A change older than the purge horizon could resurrect a purged delete: the apply is further behind
+            # than the retention window, which is for a rebuild to fix, not for this batch to guess.
+            check_not_below_horizon(event.version, self._horizon, f"a change of {event.table.name} in {msg.topic()}")
             events.append((event, msg))
 
         outcomes: dict[str, WriteOutcome] = {}

@@ -22,6 +22,7 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import UnknownTableError
 from knowton_pipeline.lib.debezium import MalformedEventError, decode_event
+from knowton_pipeline.lib.maintenance import BelowPurgeHorizonError, check_not_below_horizon, purge_horizon
 from knowton_pipeline.lib.stores import TARGETS
 from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
@@ -84,6 +85,7 @@ class DlqReplayer:
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
         self._pg: psycopg.Connection | None = None
+        self._horizon = 0  # the tombstone purge horizon, read when a run starts
 
     def _pg_conn(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
@@ -93,6 +95,9 @@ class DlqReplayer:
     def run(self, *, max_seconds: float | None = None) -> ReplayStats:
         stats = ReplayStats()
         t0 = time.monotonic()
+        conn = self._pg_conn()
+        self._horizon = purge_horizon(conn)
+        conn.rollback()
         consumer = Consumer(
             {
                 "bootstrap.servers": self.config.bootstrap,
@@ -176,7 +181,9 @@ class DlqReplayer:
                     applied += 1
                     continue
                 again = letter.retried(exc)
-                outcome["park" if again.attempts >= self.config.max_attempts else "requeue"].append(again)
+                # Older than the purge horizon: no later attempt can succeed, so it is parked at once.
+                final = again.attempts >= self.config.max_attempts or isinstance(exc, BelowPurgeHorizonError)
+                outcome["park" if final else "requeue"].append(again)
         # Durable before the source offsets are committed: republish, park, then commit.
         dlq.publish(self.producer, outcome["requeue"] + outcome["keep"])
         if outcome["park"]:
@@ -199,6 +206,11 @@ class DlqReplayer:
                 failures[id(letter)] = exc
                 continue
             if event is None:  # a tombstone needs nothing: the delete event carries the change
+                continue
+            try:
+                check_not_below_horizon(event.version, self._horizon, f"dead letter {letter.topic}@{letter.offset}")
+            except BelowPurgeHorizonError as exc:
+                failures[id(letter)] = exc
                 continue
             events.append((event, letter))
         if not events:

@@ -1,0 +1,1 @@
+"""Housekeeping: tombstone purge, retention of history, and what each store keeps on disk."""
