@@ -448,6 +448,7 @@ def reconcile(
         record=not no_record,
         repair=repair,
         max_repair_keys=max_repair_keys,
+        repair_reason="knowton reconcile --repair",
     )
     say: Callable[[str], None] = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     reports: list[dict[str, Any]] = []

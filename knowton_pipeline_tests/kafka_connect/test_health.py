@@ -128,6 +128,18 @@ def test_failed_tasks_are_restarted_with_capped_exponential_backoff_then_alerted
     assert state.connectors[CDC_CONNECTOR].attempts == 0
 
 
+def test_a_healed_connector_reports_its_time_to_heal_on_the_topic_assets() -> None:
+    policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)
+    state = ConnectorHealthCursor()
+    _, _, first = evaluate(_failed(), state, policy, 100.0, throttle_seconds=600)
+    assert first and all("time_to_heal_seconds" not in o.metadata for o in first)
+    evaluate(_failed(), state, policy, 130.0, throttle_seconds=600)  # still failed: the incident began at 100
+    _, _, healed = evaluate(_healthy(), state, policy, 175.0, throttle_seconds=600)
+    assert healed and {o.metadata["time_to_heal_seconds"].value for o in healed} == {75.0}
+    _, _, later = evaluate(_healthy(), state, policy, 400.0, throttle_seconds=600)
+    assert all("time_to_heal_seconds" not in o.metadata for o in later), "reported once, when it healed"
+
+
 def test_a_task_that_runs_briefly_between_failures_still_reaches_the_cap_and_alerts() -> None:
     """A persisting fault: each restart runs for a few seconds, and a tick may land in one of them."""
     policy = ConnectorHealthPolicy(max_restarts=3, backoff_seconds=10)

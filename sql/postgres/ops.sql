@@ -86,3 +86,19 @@ CREATE TABLE IF NOT EXISTS ops.purges (
     below_version bigint      NOT NULL,
     removed       bigint      NOT NULL
 );
+
+-- Why a recorded difference was repaired (the scheduled reconciliation's automatic repair, the repair job, ...).
+ALTER TABLE ops.reconcile_diffs ADD COLUMN IF NOT EXISTS repair_reason text NULL;
+
+-- Drift incidents, one per (table, target) at a time: opened when a reconciliation finds differences that
+-- remain, closed when one finds none left (or its repair verified them). closed_at - opened_at is the time to
+-- heal, which the `matches_postgres` check reports.
+CREATE TABLE IF NOT EXISTS ops.incidents (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    subject   text        NOT NULL,
+    opened_at timestamptz NOT NULL DEFAULT now(),
+    closed_at timestamptz NULL,
+    detail    text        NOT NULL
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open ON ops.incidents (subject) WHERE closed_at IS NULL;

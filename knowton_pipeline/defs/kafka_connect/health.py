@@ -110,7 +110,9 @@ def restart_failed_connectors() -> None:
     restart_connectors()
 
 
-def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObservation]:
+def _observations(
+    health: ConnectorHealth, attempts: int, healed_after: float | None = None
+) -> list[dg.AssetObservation]:
     metadata: dict[str, Any] = {
         "connector": health.name,
         "connector_state": health.state,
@@ -118,6 +120,9 @@ def _observations(health: ConnectorHealth, attempts: int) -> list[dg.AssetObserv
         "tasks_failed": dg.IntMetadataValue(sum(1 for t in health.tasks if t.state == "FAILED")),
         "restart_attempts": dg.IntMetadataValue(attempts),
     }
+    if healed_after is not None:
+        # From the first tick that saw it FAILED to the first that saw it healthy again: the UI plots it.
+        metadata["time_to_heal_seconds"] = dg.FloatMetadataValue(round(healed_after, 1))
     if health.failure_cause:
         metadata["last_cause"] = health.failure_cause
     if health.failure_trace:
@@ -138,6 +143,7 @@ class ConnectorEntry(BaseModel):
     last_cause: str | None = None
     config_digest: str | None = None  # of the config Connect runs: another one is a new deployment
     running_since: float | None = None  # seen healthy on every tick since; None: not healthy at the last tick
+    failed_since: float | None = None  # first seen FAILED (epoch seconds); None: not failed since it was healthy
     observed: tuple[Signature, float] | None = None  # the states last recorded on the topic assets, and when
 
 
@@ -222,6 +228,11 @@ def evaluate(
     for name, c in health.connectors.items():
         entry = connectors.setdefault(name, ConnectorEntry())
         entry.config_digest = c.config_digest
+        healed_after = None
+        if c.failed and entry.failed_since is None:
+            entry.failed_since = now
+        elif c.healthy and entry.failed_since is not None:
+            healed_after, entry.failed_since = now - entry.failed_since, None
         if not c.healthy:
             entry.running_since = None
         if c.failed:
@@ -267,8 +278,9 @@ def evaluate(
             ),
         )
         signature: Signature = (c.state, tuple(t.state for t in c.tasks), entry.attempts)
-        if entry.observed is None or entry.observed[0] != signature or now - entry.observed[1] >= OBSERVE_EVERY_SECONDS:
-            observations += _observations(c, entry.attempts)
+        changed = entry.observed is None or entry.observed[0] != signature
+        if changed or healed_after is not None or now - entry.observed[1] >= OBSERVE_EVERY_SECONDS:  # type: ignore[index]
+            observations += _observations(c, entry.attempts, healed_after)
             entry.observed = (signature, now)
     for name in sorted(set(load_connector_configs()) | set(health.missing)):
         note(

@@ -84,6 +84,7 @@ class ReconcileRunConfig(dg.Config):
     aggregate_days: int = Field(0, description="0: every materialized day; N: the last N materialized days")
     repair: bool = Field(False, description="re-sync the differing keys right after the check, then verify them")
     max_repair_keys: int = Field(1000, description="more differing keys than this are left for a backfill")
+    repair_reason: str = Field("repair requested in the run config", description="recorded with every repaired key")
 
     def request(self) -> ReconcileRequest:
         return ReconcileRequest(
@@ -94,6 +95,7 @@ class ReconcileRunConfig(dg.Config):
             stuck_seconds=self.stuck_seconds,
             repair=self.repair,
             max_repair_keys=self.max_repair_keys,
+            repair_reason=self.repair_reason,
         )
 
 
@@ -109,7 +111,9 @@ def _aggregate_days(context: dg.AssetCheckExecutionContext, name: str, config: R
     return days
 
 
-def _repair_metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome) -> dict[str, Any]:
+def _repair_metadata(
+    context: dg.AssetCheckExecutionContext, outcome: PairOutcome, request_reason: str
+) -> dict[str, Any]:
     if outcome.repair_refused:
         context.log.warning(outcome.repair_refused)
         return {"repair": dg.MetadataValue.text(f"skipped: {outcome.repair_refused}")}
@@ -120,12 +124,13 @@ def _repair_metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcom
         f"repaired {repaired.requested} key(s) of {outcome.table} in {outcome.target}: {repaired.as_dict()}"
     )
     return {
+        "repair_reason": dg.MetadataValue.text(request_reason),
         "repaired_keys": dg.IntMetadataValue(repaired.requested),
         "still_different_after_repair": dg.IntMetadataValue(len(repaired.still_different)),
     }
 
 
-def _metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome) -> dict[str, Any]:
+def _metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome, repair_reason: str) -> dict[str, Any]:
     result, reconcile_id = outcome.result, outcome.reconcile_id
     assert result is not None and reconcile_id is not None
     d = result.differences
@@ -151,7 +156,12 @@ def _metadata(context: dg.AssetCheckExecutionContext, outcome: PairOutcome) -> d
         "differing_columns": dg.MetadataValue.json(result.columns),
         "reconcile_id": dg.IntMetadataValue(reconcile_id),
         **days,
-        **_repair_metadata(context, outcome),
+        **_repair_metadata(context, outcome, repair_reason),
+        **(
+            {"time_to_heal_seconds": dg.FloatMetadataValue(round(outcome.healed_after_seconds, 1))}
+            if outcome.healed_after_seconds is not None
+            else {}
+        ),
     }
 
 
@@ -198,19 +208,30 @@ def reconcile_stores(
                 failed.append(f"{outcome.table} -> {outcome.target}: {outcome.error}")
                 continue
             drift = outcome.result.differences.total
-            severity = dg.AssetCheckSeverity.ERROR if drift > config.error_above_keys else dg.AssetCheckSeverity.WARN
+            # Drift a repair could not take on (more keys than the cap) is for a person: an ERROR, and alerted.
+            too_much = drift > config.error_above_keys or outcome.repair_refused is not None
+            severity = dg.AssetCheckSeverity.ERROR if too_much else dg.AssetCheckSeverity.WARN
+            if drift == 0:
+                description = f"{outcome.table} matches PostgreSQL ({outcome.result.source_rows} rows)"
+            elif not outcome.remaining_drift:
+                description = (
+                    f"{drift} differing key(s) found and repaired, verified equal; see ops.reconcile_diffs "
+                    f"(reconcile_id {outcome.reconcile_id})"
+                )
+            else:
+                description = (
+                    f"{drift} differing key(s) between PostgreSQL and {outcome.target}; see ops.reconcile_diffs "
+                    f"(reconcile_id {outcome.reconcile_id})"
+                )
             yield dg.AssetCheckResult(
                 asset_key=check_key.asset_key,
                 check_name=CHECK_NAME,
-                passed=drift == 0,
+                # The verdict is on the stores as the run leaves them: drift repaired and verified passes, and
+                # stays on record (differing_keys, repaired_keys, ops.reconcile_diffs).
+                passed=not outcome.remaining_drift,
                 severity=severity,
-                description=(
-                    f"{outcome.table} matches PostgreSQL ({outcome.result.source_rows} rows)"
-                    if drift == 0
-                    else f"{drift} differing key(s) between PostgreSQL and {outcome.target}; see ops.reconcile_diffs "
-                    f"(reconcile_id {outcome.reconcile_id})"
-                ),
-                metadata=_metadata(context, outcome),
+                description=description,
+                metadata=_metadata(context, outcome, config.repair_reason),
             )
     if failed:
         # No verdict for these: a store failed mid-run, and a partial result is not presented as one.
@@ -224,13 +245,25 @@ reconcile_job = dg.define_asset_job(
 )
 
 
+# Scheduled reconciliations repair what they find, up to this many keys per table and target; above it they
+# only alert (an ERROR check), since that much drift is a backfill's job and a person's decision.
+AUTO_REPAIR_KEYS = 1000
+
+
 def _schedule(name: str, cron: str, mode: Mode, description: str) -> dg.ScheduleDefinition:
+    config = ReconcileRunConfig(
+        mode=mode,
+        repair=True,
+        max_repair_keys=AUTO_REPAIR_KEYS,
+        error_above_keys=AUTO_REPAIR_KEYS,
+        repair_reason=f"{name}: automatic repair of at most {AUTO_REPAIR_KEYS} keys",
+    )
     return dg.ScheduleDefinition(
         name=name,
         job=reconcile_job,
         cron_schedule=cron,
         execution_timezone="UTC",
-        run_config=dg.RunConfig(ops={reconcile_stores.node_def.name: ReconcileRunConfig(mode=mode)}),
+        run_config=dg.RunConfig(ops={reconcile_stores.node_def.name: config}),
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
     )

@@ -11,7 +11,13 @@ from typing import Any
 import psycopg
 
 from knowton_pipeline.lib.reconcile.engine import Mode, ReconcileError, ReconcileOptions, ReconcileResult
-from knowton_pipeline.lib.reconcile.record import RecordedDifferences, load_differences, mark_repaired, record_result
+from knowton_pipeline.lib.reconcile.record import (
+    RecordedDifferences,
+    load_differences,
+    mark_repaired,
+    record_result,
+    track_incident,
+)
 from knowton_pipeline.lib.reconcile.repair import RepairResult
 from knowton_pipeline.lib.reconcile.run import (
     RepairCapError,
@@ -46,6 +52,7 @@ class ReconcileRequest:
     record: bool = True  # store the result and its keys in ops.reconcile_runs / ops.reconcile_diffs
     repair: bool = False  # re-sync the differing keys right away, then verify them
     max_repair_keys: int = 10_000
+    repair_reason: str = "repair requested"  # recorded with every repaired key in ops.reconcile_diffs
 
     def options(self) -> ReconcileOptions:
         return ReconcileOptions(
@@ -69,6 +76,7 @@ class PairOutcome:
     reconcile_id: int | None = None  # None: not recorded
     repair: RepairResult | None = None  # re-synced and verified
     repair_refused: str | None = None  # more differing keys than the repair cap: left for a backfill
+    healed_after_seconds: float | None = None  # this run closed a drift incident opened that long before
 
     @property
     def remaining_drift(self) -> bool:
@@ -96,6 +104,7 @@ def _repair_and_verify(
     keys: Sequence[Any],
     reconcile_id: int | None,
     max_keys: int,
+    reason: str,
 ) -> tuple[RepairResult | None, str | None]:
     """Re-sync `keys`, re-verify them and mark the recorded differences; (result, None) or (None, why refused)."""
     c = connections
@@ -104,7 +113,7 @@ def _repair_and_verify(
     except RepairCapError as exc:
         return None, str(exc)
     if reconcile_id is not None:
-        mark_repaired(c.conn, reconcile_id, keys, repaired.still_different)
+        mark_repaired(c.conn, reconcile_id, keys, repaired.still_different, reason)
     return repaired, None
 
 
@@ -139,12 +148,24 @@ def reconcile_pairs(
             yield outcome
             continue
         outcome.result = result
+        subject = f"{name} -> {target}"
         if request.record:
             outcome.reconcile_id = record_result(c.conn, result, started_at=started, dagster_run_id=dagster_run_id)
+            if not result.clean:  # an incident from the moment drift is found, if none is open yet
+                detail = f"{result.differences.total} differing key(s) (reconcile_id {outcome.reconcile_id})"
+                track_incident(c.conn, subject, True, detail)
         if request.repair and not result.clean:
             outcome.repair, outcome.repair_refused = _repair_and_verify(
-                c, name, target, result_keys(result), outcome.reconcile_id, request.max_repair_keys
+                c,
+                name,
+                target,
+                result_keys(result),
+                outcome.reconcile_id,
+                request.max_repair_keys,
+                request.repair_reason,
             )
+        if request.record and not outcome.remaining_drift:
+            outcome.healed_after_seconds = track_incident(c.conn, subject, False, "")
         yield outcome
 
 
@@ -176,8 +197,16 @@ def repair_recorded(
             continue
         say(f"repairing {len(keys)} key(s) of {rec.table} in {rec.target} (reconcile_id {rec.reconcile_id})")
         repaired, refused = _repair_and_verify(
-            connections, rec.table, rec.target, recorded_keys(rec.table, keys), rec.reconcile_id, max_keys
+            connections,
+            rec.table,
+            rec.target,
+            recorded_keys(rec.table, keys),
+            rec.reconcile_id,
+            max_keys,
+            "the repair job",
         )
+        if repaired is not None and repaired.verified:
+            track_incident(conn, f"{rec.table} -> {rec.target}", False, "")
         yield RepairOutcome(rec, repaired, refused)
 
 

@@ -118,13 +118,34 @@ def load_differences(
 
 
 def mark_repaired(
-    conn: psycopg.Connection, reconcile_id: int, keys: Sequence[Key], still_different: Sequence[Key]
+    conn: psycopg.Connection,
+    reconcile_id: int,
+    keys: Sequence[Key],
+    still_different: Sequence[Key],
+    reason: str = "repair requested",
 ) -> None:
-    """Record that `keys` were re-synced, and which of them the re-check found equal."""
+    """Record that `keys` were re-synced and why, and which of them the re-check found equal."""
     still = {key_text(k) for k in still_different}
     verified = {key_text(k): key_text(k) not in still for k in keys}
     with conn.transaction():
         conn.cursor().executemany(
-            "UPDATE ops.reconcile_diffs SET repaired_at = now(), verified = %s WHERE reconcile_id = %s AND key = %s",
-            [(ok, reconcile_id, key) for key, ok in verified.items()],
+            "UPDATE ops.reconcile_diffs SET repaired_at = now(), verified = %s, repair_reason = %s "
+            "WHERE reconcile_id = %s AND key = %s",
+            [(ok, reason, reconcile_id, key) for key, ok in verified.items()],
         )
+
+
+def track_incident(conn: psycopg.Connection, subject: str, drifting: bool, detail: str) -> float | None:
+    """Open an incident for `subject` when it is drifting and none is open; close the open one when it is not.
+    Returns the time to heal in seconds when this call closed an incident, else None. `conn` in autocommit."""
+    if drifting:
+        conn.execute(
+            "INSERT INTO ops.incidents (subject, detail) VALUES (%s, %s) ON CONFLICT DO NOTHING", (subject, detail)
+        )
+        return None
+    row = conn.execute(
+        "UPDATE ops.incidents SET closed_at = now() WHERE subject = %s AND closed_at IS NULL "
+        "RETURNING extract(epoch FROM closed_at - opened_at)",
+        (subject,),
+    ).fetchone()
+    return float(row[0]) if row else None
