@@ -68,6 +68,7 @@ def test_jobs_snapshot_and_clickhouse_ops_hold_the_clickhouse_pool() -> None:
         "restart_failed_connectors",
         "health_checks",
         "maintenance",
+        "heal_replication",
     }
     assert d.resolve_job_def("maintenance").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]
     assert d.resolve_job_def("repair").nodes[0].definition.pool == CLICKHOUSE_POOL  # type: ignore[union-attr]

@@ -57,3 +57,18 @@ class KafkaConnectClient:
 
     def delete(self, name: str) -> bool:
         return self._request("DELETE", f"/connectors/{name}").status_code != 404
+
+    def stop(self, name: str) -> None:
+        """`PUT /connectors/{name}/stop`: its tasks shut down, its config and offsets stay."""
+        self._request("PUT", f"/connectors/{name}/stop")
+
+    def resume(self, name: str) -> None:
+        self._request("PUT", f"/connectors/{name}/resume")
+
+    def offsets(self, name: str) -> list[dict[str, Any]]:
+        r = self._request("GET", f"/connectors/{name}/offsets")
+        return [] if r.status_code == 404 else r.json().get("offsets", [])
+
+    def reset_offsets(self, name: str) -> None:
+        """`DELETE /connectors/{name}/offsets` (the connector must be STOPPED): it starts afresh next time."""
+        self._request("DELETE", f"/connectors/{name}/offsets")

@@ -209,7 +209,9 @@ class Postgres(Component):
         opts = {
             "listen_addresses": "127.0.0.1",
             "port": self.settings["KNOWTON_PG_PORT"],
-            "unix_socket_directories": str(self.dir / "run"),
+            # TCP only: everything connects to 127.0.0.1, and a socket path under a deep stack home can exceed
+            # the 107 bytes a Unix-domain socket path may have, which stops PostgreSQL from starting at all.
+            "unix_socket_directories": "",
             "wal_level": "logical",
             "max_replication_slots": "10",
             "max_wal_senders": "10",

@@ -10,8 +10,11 @@ import dagster as dg
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.defs.cursors import AlertCursor
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
+from knowton_pipeline.defs.postgres.heal import HealReplicationConfig, heal_cdc, heal_replication
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
+from knowton_pipeline.defs.runs import run_in_flight
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
+from knowton_pipeline.lib.health.heal import slot_lost
 from knowton_pipeline.lib.health.replication import (
     IdleTransactionHealth,
     IdleTransactionThresholds,
@@ -133,9 +136,13 @@ def _result(name: str, verdict: str, reason: str, metadata: dict[str, Any]) -> d
 
 
 @dg.sensor(
+    job=heal_replication,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Records slot state, retained WAL and end-to-end lag on postgres/ops/heartbeat; alerts on ERROR.",
+    description=(
+        "Records slot state, retained WAL and end-to-end lag on postgres/ops/heartbeat; alerts on ERROR; launches "
+        "heal_replication when the slot is gone or lost."
+    ),
 )
 def replication_lag_sensor(
     context: dg.SensorEvaluationContext,
@@ -164,10 +171,20 @@ def replication_lag_sensor(
     observation = dg.AssetObservation(
         asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag), **_idle_metadata(idle)}
     )
+    runs = []
+    if slot_lost(slot) and run_in_flight(context.instance, heal_replication) is None:
+        runs.append(
+            dg.RunRequest(
+                run_key=f"heal-replication-{int(now)}",
+                run_config=dg.RunConfig(ops={heal_cdc.name: HealReplicationConfig(detected_at=now)}),
+                tags={"knowton/reason": "replication slot lost"},
+            )
+        )
     return dg.SensorResult(
+        run_requests=runs,
         asset_events=[observation],
         cursor=state.dump(),
-        skip_reason=f"slot {slot.verdict}, lag {lag.verdict}: {lag.reason}",
+        skip_reason=None if runs else f"slot {slot.verdict}, lag {lag.verdict}: {lag.reason}",
     )
 
 
