@@ -130,10 +130,11 @@ def test_the_apply_refuses_a_change_older_than_the_purge_horizon(
     es: Elasticsearch,
 ) -> None:
     address = insert_user(pg)
-    # A horizon above the change, as after a purge while the apply was further behind than the window.
+    # A horizon above the change (the WAL position after its commit), as after a purge while the apply was further
+    # behind than the window.
     pg.execute(
         "INSERT INTO ops.purges (store, table_name, below_version, removed) "
-        "VALUES ('clickhouse', 'User', pg_current_wal_lsn() - '0/0'::pg_lsn + 1000000, 0)"
+        "VALUES ('clickhouse', 'User', pg_current_wal_lsn() - '0/0'::pg_lsn, 0)"
     )
     with pytest.raises(BelowPurgeHorizonError, match="purge horizon"):
         make_applier(settings, ch, es).run(until_caught_up=True, max_seconds=60)

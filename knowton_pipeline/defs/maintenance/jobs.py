@@ -80,7 +80,9 @@ class MaintenanceConfig(dg.Config):
     reconcile_history_days: float = Field(90.0, gt=0, description="ops.reconcile_runs and their differing keys")
     backfill_progress_days: float = Field(30.0, gt=0, description="ops.backfill_progress")
     resolved_dlq_days: float = Field(30.0, gt=0, description="parked DLQ records an operator resolved")
-    run_history_days: float = Field(90.0, gt=0, description="finished Dagster runs older than this are deleted")
+    run_history_days: float = Field(
+        90.0, gt=0, description="finished runs of the sensor-launched jobs older than this are deleted"
+    )
 
     def policy(self) -> RetentionPolicy:
         return RetentionPolicy(
@@ -91,21 +93,25 @@ class MaintenanceConfig(dg.Config):
         )
 
 
+# Runs whose events are only their own logs: the ones sensors launch every few minutes. Runs that materialize
+# assets or evaluate checks are kept: deleting a run deletes its events, and with them the partitions it
+# materialized and the check history the UI plots.
+PRUNED_JOBS = ("apply_cdc", "reprocess_dlq", "restart_failed_connectors", "maintenance", "heal_replication")
+
+
 def _delete_old_runs(instance: dg.DagsterInstance, days: float, current_run_id: str) -> int:
-    """Finished runs created before the cutoff (their event logs go with them)."""
+    """Finished runs of `PRUNED_JOBS` created before the cutoff (their event logs go with them)."""
     cutoff = datetime.now(UTC) - timedelta(days=days)
-    records = instance.get_run_records(
-        filters=dg.RunsFilter(
-            statuses=[dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
-            created_before=cutoff,
-        ),
-        limit=1000,
-    )
+    finished = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
     deleted = 0
-    for record in records:
-        if record.dagster_run.run_id != current_run_id:
-            instance.delete_run(record.dagster_run.run_id)
-            deleted += 1
+    for job in PRUNED_JOBS:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(job_name=job, statuses=finished, created_before=cutoff), limit=1000
+        )
+        for record in records:
+            if record.dagster_run.run_id != current_run_id:
+                instance.delete_run(record.dagster_run.run_id)
+                deleted += 1
     return deleted
 
 

@@ -1,8 +1,6 @@
 """`heal_replication`: bring CDC back after its replication slot was lost, then re-sync what was committed
 while it was down. `replication_lag_sensor` launches it as soon as a tick sees the slot gone or lost."""
 
-import time
-
 import dagster as dg
 from pydantic import Field
 
@@ -17,16 +15,18 @@ from knowton_pipeline.defs.resources import (
 )
 from knowton_pipeline.lib.connectors import load_connector_configs
 from knowton_pipeline.lib.health.alerts import Alert, Dispatch
-from knowton_pipeline.lib.health.heal import restore_cdc, slot_lost
+from knowton_pipeline.lib.health.heal import restore_cdc, resume_cdc, slot_lost
 from knowton_pipeline.lib.health.replication import slot_health
 from knowton_pipeline.lib.reconcile.flow import Connections, ReconcileRequest, reconcile_pairs
+from knowton_pipeline.lib.reconcile.record import open_incident, track_incident
 from knowton_pipeline.lib.reconcile.run import is_aggregate, plan_pairs
 from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 
+HEAL_INCIDENT = "replication slot lost"
+
 
 class HealReplicationConfig(dg.Config):
-    detected_at: float = Field(0.0, description="when the loss was first seen (epoch seconds; 0: when the run starts)")
     max_repair_keys: int = Field(
         1_000_000, description="the gap's re-sync repairs at most this many keys per table and target"
     )
@@ -49,20 +49,23 @@ def heal_cdc(
     elasticsearch: ElasticsearchResource,
     alerts: AlertsResource,
 ) -> dg.Output[dict]:
-    detected = config.detected_at or time.time()
     with postgres.get_connection(autocommit=True) as conn:
         slot = slot_health(conn)
-        if not slot_lost(slot):
+        unfinished = open_incident(conn, HEAL_INCIDENT)
+        if not slot_lost(slot) and unfinished is None:
             context.log.info(f"nothing to heal: {slot.reason}")
             return dg.Output({"healed": False}, metadata={"healed": False, "slot": slot.reason})
-        context.log.warning(f"replication slot lost: {slot.reason}")
-        restored = restore_cdc(
-            conn,
-            kafka_connect.get_client(),
-            CDC_CONNECTOR,
-            load_connector_configs()[CDC_CONNECTOR],
-            on_progress=context.log.info,
-        )
+        # The incident lives until the re-sync is verified: a heal interrupted after the slot came back (a
+        # timeout, a store outage) is resumed by the next run instead of leaving the gap unsynced.
+        track_incident(conn, HEAL_INCIDENT, True, slot.reason)
+        connect = kafka_connect.get_client()
+        configured = load_connector_configs()[CDC_CONNECTOR]
+        if slot_lost(slot):
+            context.log.warning(f"replication slot lost: {slot.reason}")
+            restored = restore_cdc(conn, connect, CDC_CONNECTOR, configured, on_progress=context.log.info)
+        else:
+            context.log.warning(f"resuming an unfinished heal: {unfinished}")
+            restored = resume_cdc(conn, connect, CDC_CONNECTOR, configured, on_progress=context.log.info)
         pairs = [p for p in plan_pairs() if not is_aggregate(p[0])]
         request = ReconcileRequest(
             mode="checksum",
@@ -80,7 +83,6 @@ def heal_cdc(
                 if outcome.result is None or outcome.repair_refused or outcome.remaining_drift:
                     failed.append(f"{pair}: {outcome.error or outcome.repair_refused or 'keys still differ'}")
                 repaired[pair] = outcome.repair.requested if outcome.repair else 0
-    healed_after = time.time() - detected
     text = (
         f"The replication slot was lost ({slot.reason}). CDC was restored: slot recreated at {restored.slot_lsn}, "
         f"connector {CDC_CONNECTOR} streaming from it. Re-synced from PostgreSQL: "
@@ -97,6 +99,8 @@ def heal_cdc(
     )
     if failed:
         raise dg.Failure(f"{len(failed)} table(s) not re-synced", description="\n".join(failed))
+    with postgres.get_connection(autocommit=True) as conn:
+        healed_after = track_incident(conn, HEAL_INCIDENT, False, "") or 0.0
     metadata = {
         "healed": True,
         "slot_lsn": restored.slot_lsn,

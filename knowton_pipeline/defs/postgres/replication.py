@@ -10,7 +10,7 @@ import dagster as dg
 from knowton_pipeline.catalog import HEARTBEAT
 from knowton_pipeline.defs.cursors import AlertCursor
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
-from knowton_pipeline.defs.postgres.heal import HealReplicationConfig, heal_cdc, heal_replication
+from knowton_pipeline.defs.postgres.heal import HEAL_INCIDENT, HealReplicationConfig, heal_cdc, heal_replication
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
 from knowton_pipeline.defs.runs import run_in_flight
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
@@ -26,8 +26,10 @@ from knowton_pipeline.lib.health.replication import (
     idle_transaction_health,
     slot_health,
 )
+from knowton_pipeline.lib.reconcile.record import open_incident
 
 HEARTBEAT_ASSET = postgres_table_key(HEARTBEAT)
+HEAL_RETRY_SECONDS = 300  # at most one heal_replication run per this many seconds
 SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR, "ok": dg.AssetCheckSeverity.WARN}
 
 
@@ -172,12 +174,15 @@ def replication_lag_sensor(
         asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag), **_idle_metadata(idle)}
     )
     runs = []
-    if slot_lost(slot) and run_in_flight(context.instance, heal_replication) is None:
+    with postgres.get_connection(autocommit=True) as conn:
+        unfinished = open_incident(conn, HEAL_INCIDENT) is not None
+    if (slot_lost(slot) or unfinished) and run_in_flight(context.instance, heal_replication) is None:
+        # At most one heal run per five minutes: the first at once, then a retry while the heal does not finish.
         runs.append(
             dg.RunRequest(
-                run_key=f"heal-replication-{int(now)}",
-                run_config=dg.RunConfig(ops={heal_cdc.name: HealReplicationConfig(detected_at=now)}),
-                tags={"knowton/reason": "replication slot lost"},
+                run_key=f"heal-replication-{int(now // HEAL_RETRY_SECONDS)}",
+                run_config=dg.RunConfig(ops={heal_cdc.name: HealReplicationConfig()}),
+                tags={"knowton/reason": "replication slot lost" if slot_lost(slot) else "unfinished heal"},
             )
         )
     return dg.SensorResult(

@@ -77,7 +77,15 @@ def restore_cdc(
         "AND wal_status = 'lost'",
         (SLOT,),
     )
-    conn.execute(read_sql("postgres", "enable-cdc.sql").encode())  # creates the slot, converges the publication
+    # Creating a slot waits for every open transaction to end: a session left idle in a transaction must make the
+    # heal fail (and be retried, with the incident open) rather than hang while holding the ClickHouse pool.
+    conn.execute("SET lock_timeout = '60s'")
+    conn.execute("SET statement_timeout = '180s'")
+    try:
+        conn.execute(read_sql("postgres", "enable-cdc.sql").encode())  # creates the slot, converges the publication
+    finally:
+        conn.execute("RESET lock_timeout")
+        conn.execute("RESET statement_timeout")
     row = conn.execute(
         "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
     ).fetchone()
@@ -101,3 +109,28 @@ def restore_cdc(
     _wait_state(connect, name, "RUNNING", timeout)
     say(f"connector {name} streaming again from the new slot")
     return Restored(slot_lsn, time.monotonic() - t0)
+
+
+def resume_cdc(
+    conn: psycopg.Connection,
+    connect: KafkaConnectClient,
+    name: str,
+    config: Mapping[str, str],
+    *,
+    timeout: float = 120.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> Restored:
+    """Finish a heal interrupted after the slot was recreated: the connector runs its configured config again
+    (resumed if a heal left it stopped). Its offsets are not touched: they are on the new slot by now, or it
+    stored none yet and the configured snapshot mode re-reads the tables, which loses nothing."""
+    say = on_progress or (lambda _m: None)
+    t0 = time.monotonic()
+    if (connect.config(name) or {}) != dict(config):
+        connect.put_config(name, dict(config))
+    connect.resume(name)
+    _wait_state(connect, name, "RUNNING", timeout)
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
+    ).fetchone()
+    say(f"connector {name} running its configured config")
+    return Restored(int(row[0]) if row and row[0] is not None else 0, time.monotonic() - t0)

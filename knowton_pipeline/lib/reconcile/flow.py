@@ -10,7 +10,8 @@ from typing import Any
 
 import psycopg
 
-from knowton_pipeline.lib.reconcile.engine import Mode, ReconcileError, ReconcileOptions, ReconcileResult
+from knowton_pipeline.lib.errors import describe_error
+from knowton_pipeline.lib.reconcile.engine import STORE_ERRORS, Mode, ReconcileError, ReconcileOptions, ReconcileResult
 from knowton_pipeline.lib.reconcile.record import (
     RecordedDifferences,
     load_differences,
@@ -18,7 +19,7 @@ from knowton_pipeline.lib.reconcile.record import (
     record_result,
     track_incident,
 )
-from knowton_pipeline.lib.reconcile.repair import RepairResult
+from knowton_pipeline.lib.reconcile.repair import RepairError, RepairResult
 from knowton_pipeline.lib.reconcile.run import (
     RepairCapError,
     is_aggregate,
@@ -27,6 +28,7 @@ from knowton_pipeline.lib.reconcile.run import (
     repair_pair,
     result_keys,
 )
+from knowton_pipeline.lib.stores import TransientStoreError
 
 Progress = Callable[[str], None]
 
@@ -112,6 +114,10 @@ def _repair_and_verify(
         repaired = repair_pair(name, target, keys, conn=c.conn, clients=c.clients, max_keys=max_keys)
     except RepairCapError as exc:
         return None, str(exc)
+    except (RepairError, TransientStoreError, *STORE_ERRORS) as exc:
+        # A key the store refuses on its own (it is in the DLQ too), or a store that failed: this pair keeps its
+        # drift and says why; the pairs after it still get their verdict.
+        return None, f"repair failed: {describe_error(exc)}"
     if reconcile_id is not None:
         mark_repaired(c.conn, reconcile_id, keys, repaired.still_different, reason)
     return repaired, None
@@ -164,7 +170,10 @@ def reconcile_pairs(
                 request.max_repair_keys,
                 request.repair_reason,
             )
-        if request.record and not outcome.remaining_drift:
+        # Only a run that looked at every row may say the drift is gone: an incremental run, or an aggregate's
+        # last days, saw part of the table and may open an incident but never closes one.
+        covered_all = request.mode != "incremental" and days is None
+        if request.record and covered_all and not outcome.remaining_drift:
             outcome.healed_after_seconds = track_incident(c.conn, subject, False, "")
         yield outcome
 
@@ -205,8 +214,6 @@ def repair_recorded(
             max_keys,
             "the repair job",
         )
-        if repaired is not None and repaired.verified:
-            track_incident(conn, f"{rec.table} -> {rec.target}", False, "")
         yield RepairOutcome(rec, repaired, refused)
 
 

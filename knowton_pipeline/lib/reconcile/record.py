@@ -149,3 +149,11 @@ def track_incident(conn: psycopg.Connection, subject: str, drifting: bool, detai
         (subject,),
     ).fetchone()
     return float(row[0]) if row else None
+
+
+def open_incident(conn: psycopg.Connection, subject: str) -> str | None:
+    """The detail of the open incident of `subject`, None when there is none."""
+    row = conn.execute(
+        "SELECT detail FROM ops.incidents WHERE subject = %s AND closed_at IS NULL", (subject,)
+    ).fetchone()
+    return row[0] if row else None

@@ -476,11 +476,15 @@ def purge_tombstones(client: ClickHouseClient, table: SyncedTable, below_version
     key_type = CH_KEY_TYPES[table.column(table.key[0]).type]
     mirror = _mirror(table, CLICKHOUSE_DATABASE)
     version, deleted = backtick(CLICKHOUSE_VERSION_COLUMN), backtick(CLICKHOUSE_DELETED_COLUMN)
+    # Only keys that have an old delete are grouped; a key is purged when its newest version is below the horizon
+    # and no live row shares that version (a delete and a re-insert in one transaction may share it, and FINAL
+    # then shows the one inserted last: the key may be live).
     keys = [
         r[0]
         for r in client.query(
-            f"SELECT {key} FROM {mirror} GROUP BY {key} "
-            f"HAVING argMax({deleted}, {version}) = 1 AND max({version}) < {{below:UInt64}}",
+            f"SELECT {key} FROM {mirror} WHERE {key} IN (SELECT {key} FROM {mirror} WHERE {deleted} = 1 "
+            f"AND {version} < {{below:UInt64}}) GROUP BY {key} "
+            f"HAVING max({version}) < {{below:UInt64}} AND maxIf({version}, {deleted} = 0) < max({version})",
             parameters={"below": below_version},
         ).result_rows
     ]

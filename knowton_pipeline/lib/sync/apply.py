@@ -210,6 +210,7 @@ class CdcApplier:
         try:
             source = source_position(conn)
             self._horizon = purge_horizon(conn)
+            check_source_not_behind(source, {"the tombstone purge (ops.purges)": {"horizon": self._horizon}})
         finally:
             conn.rollback()
         try:
