@@ -14,7 +14,7 @@ from psycopg import sql
 from knowton_pipeline.catalog import table
 from knowton_pipeline.lib.reconcile.engine import ReconcileResult
 from knowton_pipeline.lib.reconcile.repair import RepairResult
-from knowton_pipeline.lib.reconcile.run import repair_result
+from knowton_pipeline.lib.reconcile.run import repair_pair, result_keys
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.stores import WriteItem
 from knowton_pipeline.lib.stores.elasticsearch import (
@@ -34,7 +34,13 @@ NOTHING_NEW: dict[str, Any] = {"missing": [], "extra": [], "different": {}}
 
 def _repair(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, result: ReconcileResult) -> RepairResult:
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
-        return repair_result(result, conn=conn, clients={"clickhouse": ch, "elasticsearch": es})
+        return repair_pair(
+            result.table,
+            result.target,
+            result_keys(result),
+            conn=conn,
+            clients={"clickhouse": ch, "elasticsearch": es},
+        )
 
 
 def _source(es: Elasticsearch, content_id: int) -> dict[str, Any]:

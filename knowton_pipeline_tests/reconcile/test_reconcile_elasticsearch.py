@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.lib.aggregates import replace_day
-from knowton_pipeline.lib.reconcile.run import repair_result
+from knowton_pipeline.lib.reconcile.run import repair_pair, result_keys
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline_tests.helpers import (
@@ -32,7 +32,13 @@ USERS = "knowton-users"
 
 def _repair(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, result):  # type: ignore[no-untyped-def]
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
-        return repair_result(result, conn=conn, clients={"clickhouse": ch, "elasticsearch": es})
+        return repair_pair(
+            result.table,
+            result.target,
+            result_keys(result),
+            conn=conn,
+            clients={"clickhouse": ch, "elasticsearch": es},
+        )
 
 
 def test_an_edit_made_in_the_index_is_caught_by_the_full_mode_and_repaired(

@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from knowton_pipeline.catalog import TABLES
+from knowton_pipeline.catalog import TABLES, table
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, ElasticsearchResource, PostgresResource
 from knowton_pipeline.defs.store_assets import store_asset_key
 from knowton_pipeline.lib.maintenance import RetentionPolicy, run_maintenance
@@ -134,7 +134,7 @@ def maintain(
     runs = _delete_old_runs(context.instance, config.run_history_days, context.run.run_id)
     for store, tables in report.purged.items():
         for name, removed in tables.items():
-            t = next(t for t in TABLES if t.name == name)
+            t = table(name)
             context.log_event(
                 dg.AssetObservation(asset_key=store_asset_key(store, t), metadata={"tombstones_purged": removed})
             )

@@ -53,6 +53,14 @@ def _wait_state(connect: KafkaConnectClient, name: str, wanted: str, timeout: fl
     raise HealError(f"connector {name} did not reach {wanted} within {timeout:.0f} s (last state {state})")
 
 
+def _slot_lsn(conn: psycopg.Connection) -> int | None:
+    """Where the slot's consumer has confirmed up to; None when there is no slot."""
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
 def restore_cdc(
     conn: psycopg.Connection,
     connect: KafkaConnectClient,
@@ -86,12 +94,9 @@ def restore_cdc(
     finally:
         conn.execute("RESET lock_timeout")
         conn.execute("RESET statement_timeout")
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
-    ).fetchone()
-    if row is None:
+    slot_lsn = _slot_lsn(conn)
+    if slot_lsn is None:
         raise HealError(f"replication slot {SLOT} could not be recreated")
-    slot_lsn = int(row[0])
     say(f"replication slot {SLOT} recreated at {slot_lsn}")
     connect.reset_offsets(name)
     # No snapshot this once: the gap is re-synced key-exactly by the caller, not by re-reading every table.
@@ -129,8 +134,5 @@ def resume_cdc(
         connect.put_config(name, dict(config))
     connect.resume(name)
     _wait_state(connect, name, "RUNNING", timeout)
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
-    ).fetchone()
     say(f"connector {name} running its configured config")
-    return Restored(int(row[0]) if row and row[0] is not None else 0, time.monotonic() - t0)
+    return Restored(_slot_lsn(conn) or 0, time.monotonic() - t0)

@@ -130,17 +130,6 @@ def result_keys(result: ReconcileResult) -> list[Any]:
     return [*d.missing_in_target, *d.extra_in_target, *d.different]
 
 
-def repair_result(
-    result: ReconcileResult,
-    *,
-    conn: psycopg.Connection,
-    clients: Mapping[str, Any],
-    max_keys: int = 10_000,
-) -> RepairResult:
-    """Repair exactly the differing keys of a reconciliation result."""
-    return repair_pair(result.table, result.target, result_keys(result), conn=conn, clients=clients, max_keys=max_keys)
-
-
 def recorded_keys(name: str, keys: Sequence[str]) -> list[Any]:
     """Keys as ops.reconcile_diffs holds them (text) back as the values repair_pair takes."""
     return list(keys) if is_aggregate(name) else [key_value(table(name), k) for k in keys]
@@ -153,7 +142,6 @@ __all__ = [
     "reconcile_pair",
     "recorded_keys",
     "repair_pair",
-    "repair_result",
     "result_keys",
     "table_names",
     "target_names",

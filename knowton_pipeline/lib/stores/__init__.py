@@ -22,7 +22,6 @@ from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 
 TARGETS: dict[str, TargetStore] = {store.name: store for store in (CLICKHOUSE, ELASTICSEARCH)}
-TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 
 
 class UnknownTargetError(ValueError):
@@ -45,7 +44,6 @@ def targets_of(table: SyncedTable) -> list[TargetStore]:
 
 __all__ = [
     "TARGETS",
-    "TARGET_NAMES",
     "Prepared",
     "Side",
     "StoreRefusedError",

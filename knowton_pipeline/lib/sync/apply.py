@@ -33,8 +33,7 @@ from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.positions import check_source_not_behind, source_position
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
-from knowton_pipeline.lib.sync.source import all_keys, linked_keys
-from knowton_pipeline.lib.sync.source import document_items as read_documents
+from knowton_pipeline.lib.sync.source import all_keys, document_items, linked_keys
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +316,9 @@ def target_items(
     store: TargetStore, events: Sequence[tuple[ChangeEvent, Any]], pg_conn: Callable[[], psycopg.Connection]
 ) -> list[WriteItem]:
     """What `store` must write for a batch of changes: a mirror takes each row as its change brings it; a search
-    document also shows fields derived from other tables, so it is re-read (see `document_items`)."""
+    document also shows fields derived from other tables, so it is re-read (see `changed_documents`)."""
     if store.shape == "document":
-        return document_items(events, pg_conn, holds=store.holds)
+        return changed_documents(events, pg_conn, store.holds)
     return mirror_items([(e, source) for e, source in events if store.holds(e.table)])
 
 
@@ -336,13 +335,12 @@ def _affects(e: ChangeEvent, dependency: Dependency) -> bool:
     return any(c not in before or before[c] != after.get(c) for c in (*dependency.watch, dependency.column))
 
 
-def document_items(
+def changed_documents(
     events: Sequence[tuple[ChangeEvent, Any]],
     pg_conn: Callable[[], psycopg.Connection],
-    *,
-    holds: Callable[[SyncedTable], bool] = lambda t: t.elasticsearch_index is not None,
+    holds: Callable[[SyncedTable], bool],
 ) -> list[WriteItem]:
-    """Search documents for a batch of changes. A document without derived fields comes from its event; one with
+    """The documents of the tables a store `holds`, for a batch of changes. A document without derived fields comes from its event; one with
     derived fields is re-read from PostgreSQL, in a consistent snapshot that versions it, whenever anything it
     shows changed: its own row, or a row of a table it depends on, followed as the catalog declares
     (`SyncedTable.dependencies`). A truncate of such a table changes every document that depends on it.
@@ -385,7 +383,7 @@ def document_items(
         return items
     with consistent_snapshot(conn) as version:
         for name, by_key in reread.items():
-            items += read_documents(
+            items += document_items(
                 conn, catalog_table(name), by_key, version=version, sources={k: tuple(v) for k, v in by_key.items()}
             )
     return items
