@@ -44,7 +44,7 @@ def finished_rows(conn: psycopg.Connection, t: SyncedTable, enriched: bool) -> t
     with consistent_snapshot(conn) as lsn:
         stream = stream_rows(conn, t, sql.SQL("true"), (), chunk=CHUNK, enriched=enriched)
         rows = [r for chunk in stream for r in chunk]
-    return lsn, [split_enrichment(r) for r in rows]
+    return lsn, [split_enrichment(t, r) for r in rows]
 
 
 def bench_clickhouse(conn: psycopg.Connection, ch, t: SyncedTable, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
