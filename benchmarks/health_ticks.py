@@ -41,7 +41,7 @@ from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.health.replication import applied_heartbeat
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
-from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, committed_timestamp
+from knowton_pipeline.lib.sync.apply import committed_timestamp, sink_group
 
 
 def median_ms(samples: list[float]) -> float:
@@ -105,7 +105,7 @@ def main() -> int:
         conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%%'"
         ).fetchall()
-        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
+        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": sink_group("clickhouse")})
         try:
             parts = [TopicPartition(t.topic, 0) for t in CDC_TABLES]
             for tp in consumer.committed(parts, timeout=5.0):
@@ -113,7 +113,7 @@ def main() -> int:
         finally:
             consumer.close()
 
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": DEFAULT_GROUP})
+    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": sink_group("clickhouse")})
     [committed] = probe.committed([TopicPartition(HEARTBEAT.topic, 0)], timeout=10)
     probe.close()
     if committed_timestamp(committed) is None:
@@ -128,7 +128,7 @@ def main() -> int:
         "connector_health_sensor": (connect_tick, lambda: client.connectors_with_status()),
         "replication_lag_sensor": (lag_tick, lag_raw),
         "applied heartbeat": (
-            lambda: applied_heartbeat(settings.kafka_bootstrap),
+            lambda: applied_heartbeat(settings.kafka_bootstrap, sink_group("clickhouse")),
             lambda: applied_heartbeat(settings.kafka_bootstrap, group_id=scratch),
         ),
     }

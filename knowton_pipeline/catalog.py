@@ -266,5 +266,8 @@ def documents_fed_by(name: str) -> list[tuple[SyncedTable, Dependency]]:
     return [(t, d) for t in TABLES for d in t.dependencies if d.table == name]
 
 
-def all_topics() -> list[str]:
-    return [t.topic for t in CDC_TABLES] + list(DLQ_TOPICS)
+def topic_partitions(cdc_partitions: int) -> dict[str, int]:
+    """Every topic of the pipeline with its partitions: each data topic `cdc_partitions` (keyed by primary key, so
+    one row's changes stay in order in one partition); the heartbeat and the DLQs one."""
+    data = {t.topic: cdc_partitions for t in CDC_TABLES if t is not HEARTBEAT}
+    return {**data, HEARTBEAT.topic: 1, **dict.fromkeys(DLQ_TOPICS, 1)}

@@ -251,47 +251,90 @@ def seed(
     return 0
 
 
+def _store_names() -> list[str]:
+    from knowton_pipeline.lib.stores import TARGETS
+
+    return list(TARGETS)
+
+
 @cli.group()
-def sync() -> None:
-    """Apply CDC events to ClickHouse and Elasticsearch (the worker)."""
+def sink() -> None:
+    """The sinks: one per target store, each in its own Kafka consumer group (`knowton-sink-<store>`)."""
 
 
-@sync.command("run")
+@sink.command("run")
+@click.option(
+    "--store",
+    "stores",
+    multiple=True,
+    required=True,
+    type=NameChoice("store", _store_names),
+    help="The store to write; repeat for several (each its own sink and group, side by side).",
+)
 @click.option("--once", is_flag=True, help="Stop when caught up instead of running until stopped.")
 @click.option("--batch-size", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--status-file", type=click.Path(path_type=Path), help="Where the sink reports its state (health).")
+@click.option("--supervise", is_flag=True, help="Run the sink as a child process and start it again if it dies.")
 @pass_settings
-def sync_run(settings: Settings, once: bool, batch_size: int) -> int:
-    """Consume the cdc-* topics and write both stores, as the `apply_cdc` job does."""
-    import signal
+def sink_run(
+    settings: Settings,
+    stores: tuple[str, ...],
+    once: bool,
+    batch_size: int,
+    status_file: Path | None,
+    supervise: bool,
+) -> int:
+    """Consume the cdc-* topics and write the given store(s) until stopped (SIGTERM finishes the batch first).
+
+    Several processes of one store share the topics' partitions through its consumer group."""
     import threading
 
-    from elasticsearch import Elasticsearch
+    from knowton_pipeline.lib.sync import service
 
-    from knowton_pipeline.lib import clickhouse
-    from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcApplier
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if settings.clickhouse_dsn.startswith("chdb://") and not once:
+    stores = tuple(dict.fromkeys(stores))
+    if "clickhouse" in stores and settings.clickhouse_dsn.startswith("chdb://") and not once:
         click.echo(
-            "note: the embedded ClickHouse stays open in this worker while it runs, so Dagster runs that "
-            "use ClickHouse wait for it to stop; with a ClickHouse server (http://...) they do not.",
+            "note: the embedded ClickHouse stays open in this sink while it runs, so Dagster runs that use "
+            "ClickHouse wait for it to stop; with a ClickHouse server (http://...) they do not.",
             err=True,
         )
-    es = Elasticsearch(settings.es_url, request_timeout=60)
-    try:
-        applier = CdcApplier(
-            ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=batch_size),
-            clickhouse=clickhouse.get_client(settings.clickhouse_dsn),
-            es=es,
-            pg_conninfo=settings.pg_conninfo(),
-            on_progress=lambda stats: click.echo(stats.summary()),
+    stop = service.stop_on_signals()
+    if supervise:
+        if len(stores) != 1 or once or status_file is None:
+            raise click.UsageError("--supervise runs one continuous sink: give one --store and a --status-file")
+        return service.supervise(service.service_argv(stores[0], status_file, batch_size), stop, echo=click.echo)
+    if once:
+        from knowton_pipeline.lib.sync.apply import ApplyConfig, SideBySide
+
+        clients = {store: service.open_client(store, settings) for store in stores}
+        try:
+            stats = SideBySide.of(
+                ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=batch_size),
+                clients,
+                settings.pg_conninfo(),
+                on_progress=lambda stats: click.echo(stats.summary()),
+            ).run(until_caught_up=True, stop=stop)
+        finally:
+            for client in clients.values():
+                client.close()
+        click.echo(f"caught up: {stats.summary()}")
+        return 0
+    if len(stores) > 1 and status_file is not None:
+        raise click.UsageError("--status-file belongs to one store's sink; give one --store")
+    threads = [
+        threading.Thread(
+            target=service.serve,
+            args=(store, settings),
+            kwargs={"status_path": status_file, "stop": stop, "batch_size": batch_size, "echo": click.echo},
+            name=f"sink-{store}",
         )
-        stats = applier.run(until_caught_up=once, stop=stop)
-    finally:
-        es.close()
-    click.echo(f"stopped: {stats.summary()}")
+        for store in stores
+    ]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
     return 0
 
 

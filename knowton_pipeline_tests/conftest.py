@@ -20,6 +20,7 @@ from knowton_pipeline.lib.connectors import deploy_connectors, load_connector_co
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.schema import apply_all
 from knowton_pipeline.lib.settings import Settings, SettingsError
+from knowton_pipeline.stack.components import SERVERS
 from knowton_pipeline.stack.manager import Stack
 from knowton_pipeline_tests.helpers import CDC_CONNECTOR, Receiver, make_applier, wait_for, wait_for_cdc
 from knowton_pipeline_tests.stack_home import StackHomeError, isolated_env, prepare_home
@@ -80,7 +81,7 @@ def stack(settings: Settings, stack_home: Path) -> Iterator[Stack]:
     A component that does not come up fails the tests that need it; nothing is skipped.
     """
     stack = Stack(settings, echo=lambda m: None)
-    stack.up()
+    stack.up(SERVERS)  # the sinks are driven by the tests themselves
     os.environ.update(settings.export_env(include_secrets=True))
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     for _ in apply_all(settings):

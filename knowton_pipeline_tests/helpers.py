@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from elasticsearch import Elasticsearch, NotFoundError
 
 from knowton_pipeline.catalog import SyncedTable
@@ -28,7 +28,7 @@ from knowton_pipeline.stack.process import pid_alive
 
 if TYPE_CHECKING:
     from knowton_pipeline.lib.reconcile.engine import ReconcileResult
-    from knowton_pipeline.lib.sync.apply import CdcApplier
+    from knowton_pipeline.lib.sync.apply import SideBySide
 
 CDC_CONNECTOR = "postgres-cdc-source-connector"
 TEST_OUTPUT = PROJECT_ROOT / "test-output"
@@ -52,11 +52,12 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "c
 # --- the CDC apply -----------------------------------------------------------------------------
 
 
-def make_applier(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, **config: Any) -> CdcApplier:
-    from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcApplier
+def make_applier(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, **config: Any) -> SideBySide:
+    """Both stores' sinks, each in its own group, run side by side."""
+    from knowton_pipeline.lib.sync.apply import ApplyConfig, SideBySide
 
     cfg = ApplyConfig(bootstrap=settings.kafka_bootstrap, **{"max_retry_seconds": 120.0, **config})
-    return CdcApplier(cfg, clickhouse=ch, es=es, pg_conninfo=settings.pg_conninfo())
+    return SideBySide.of(cfg, {"clickhouse": ch, "elasticsearch": es}, settings.pg_conninfo())
 
 
 def wait_for_cdc(settings: Settings, timeout: float = 60.0) -> None:
@@ -128,15 +129,29 @@ def es_source(es: Elasticsearch, index: str, doc_id: str) -> dict[str, Any] | No
 
 
 def topic_size(settings: Settings, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"size-{uuid.uuid4().hex}"})
+    """Records in every partition of `topic`."""
+    return sum(topic_end(settings, topic).values()) - sum(_watermarks(settings, topic, 0).values())
+
+
+def _watermarks(settings: Settings, topic: str, which: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"marks-{uuid.uuid4().hex}"})
     try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-        return high - low
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[which] for p in partitions}
     finally:
         consumer.close()
 
 
-def read_topic_from(settings: Settings, topic: str, start: int, count: int, timeout: float = 15.0) -> list[Any]:
+def topic_end(settings: Settings, topic: str) -> dict[int, int]:
+    """The end offset of each partition of `topic`: where a read of what comes next starts."""
+    return _watermarks(settings, topic, 1)
+
+
+def read_topic_from(
+    settings: Settings, topic: str, start: Mapping[int, int], count: int, timeout: float = 15.0
+) -> list[Any]:
+    """Up to `count` records of `topic` from `start` (per partition, as `topic_end` gave it), in each partition's
+    order."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -144,7 +159,7 @@ def read_topic_from(settings: Settings, topic: str, start: int, count: int, time
             "enable.auto.commit": False,
         }
     )
-    consumer.assign([TopicPartition(topic, 0, start)])
+    consumer.assign([TopicPartition(topic, p, offset) for p, offset in start.items()])
     out: list[Any] = []
     try:
         deadline = time.monotonic() + timeout
@@ -157,12 +172,18 @@ def read_topic_from(settings: Settings, topic: str, start: int, count: int, time
         consumer.close()
 
 
-def topic_end(settings: Settings, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"end-{uuid.uuid4().hex}"})
-    try:
-        return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
-    finally:
-        consumer.close()
+def produce(settings: Settings, topic: str, key: bytes, value: bytes) -> tuple[int, int]:
+    """Write one record to `topic` as a producer elsewhere would; returns its (partition, offset)."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "partitioner": "murmur2_random"})
+    where: dict[str, tuple[int, int]] = {}
+    producer.produce(
+        topic,
+        key=key,
+        value=value,
+        on_delivery=lambda err, msg: where.setdefault("at", (msg.partition(), msg.offset())),
+    )
+    producer.flush(10)
+    return where["at"]
 
 
 # --- reconciliation ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from knowton_pipeline.cli import main
 def test_help_lists_every_command_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("stack", "schema", "connectors", "seed", "sync", "reconcile", "env"):
+    for command in ("stack", "schema", "connectors", "seed", "sink", "reconcile", "env"):
         assert f"  {command} " in out
 
 

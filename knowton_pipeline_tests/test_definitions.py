@@ -91,6 +91,22 @@ def test_mirrors_sit_downstream_of_their_topic_and_contents_index_of_users_and_p
     }
 
 
+def test_mirrors_and_indices_carry_the_freshness_their_sinks_keep() -> None:
+    graph = _defs().resolve_asset_graph()
+    kept = {
+        k.to_user_string()
+        for k in graph.get_all_asset_keys()
+        if isinstance(graph.get(k).freshness_policy, dg.FreshnessPolicy)
+    }
+    assert kept == {
+        "clickhouse/knowton/users",
+        "clickhouse/knowton/contents",
+        "clickhouse/knowton/purchases",
+        "elasticsearch/knowton-users",
+        "elasticsearch/knowton-contents",
+    }
+
+
 def test_every_mirror_index_and_aggregate_has_a_reconcile_check_and_schedules_pick_the_mode() -> None:
     d = _defs()
     checked = {
@@ -119,7 +135,11 @@ def test_health_checks_cover_every_synced_table_and_the_replication_slot() -> No
     checks = {(k.asset_key.to_user_string(), k.name) for k in _defs().resolve_asset_graph().asset_check_keys}
     for t in ("User", "Content", "Purchase"):
         assert (f"postgres/public/{t}", "schema_matches_stores") in checks
-    assert {("postgres/ops/heartbeat", "replication_slot"), ("postgres/ops/heartbeat", "end_to_end_lag")} <= checks
+    assert {
+        ("postgres/ops/heartbeat", "replication_slot"),
+        ("postgres/ops/heartbeat", "end_to_end_lag_clickhouse"),
+        ("postgres/ops/heartbeat", "end_to_end_lag_elasticsearch"),
+    } <= checks
     stored = {a for a, name in checks if name == "storage"}
     assert stored == {
         "clickhouse/knowton/users",

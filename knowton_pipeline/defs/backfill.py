@@ -8,6 +8,7 @@ import dagster as dg
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.defs.resources import PostgresResource
 from knowton_pipeline.lib.stores import Writer
+from knowton_pipeline.lib.sync.apply import SinkTurns
 from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
 
 
@@ -25,8 +26,10 @@ def run_backfill(
     table: SyncedTable,
     writer: Writer,
     after_each_day: Callable[[], object] | None = None,
+    between_chunks: SinkTurns | None = None,
 ) -> dg.MaterializeResult:
-    """Backfill every day of the run's partition range, each in its own consistent snapshot.
+    """Backfill every day of the run's partition range, each in its own consistent snapshot. `between_chunks`
+    gives the store's sink its turns while the backfill holds the store.
 
     Days finished by an earlier attempt of the same run (a re-execution shares its root run id)
     are skipped, so a long backfill that failed part-way resumes where it stopped.
@@ -47,7 +50,7 @@ def run_backfill(
         if len(todo) < len(days):
             context.log.info(f"resuming run {root}: {len(days) - len(todo)} of {len(days)} days already done")
         for i, day in enumerate(todo, 1):
-            stats = backfill_range(conn, table, day, day + timedelta(days=1), writer)
+            stats = backfill_range(conn, table, day, day + timedelta(days=1), writer, on_progress=between_chunks)
             conn.execute(
                 "INSERT INTO ops.backfill_progress (root_run_id, asset, day, rows_written, snapshot_lsn) "
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -65,6 +68,8 @@ def run_backfill(
             )
             if after_each_day:
                 after_each_day()
+            if between_chunks:
+                between_chunks()
     return dg.MaterializeResult(
         metadata={
             "days": len(days),
@@ -75,5 +80,10 @@ def run_backfill(
             "snapshot_lsn": totals.snapshot_lsn,
             "seconds": round(totals.seconds, 3),
             "rows_per_second": round(totals.rows_per_second, 1),
+            **(
+                {"sink_turns": between_chunks.turns, "cdc_events_applied_meanwhile": between_chunks.events}
+                if between_chunks
+                else {}
+            ),
         }
     )

@@ -34,6 +34,12 @@ class AlertCursor(SensorCursor):
     alerts: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReplicationCursor(AlertCursor):
+    """`replication_lag_sensor`: its alerts, and when it last recorded each store's assets as up to date."""
+
+    up_to_date_at: dict[str, float] = Field(default_factory=dict)
+
+
 class RunCounterCursor(SensorCursor):
     """How many runs the sensor has requested: the next run key is `<prefix>-<requested + 1>`."""
 

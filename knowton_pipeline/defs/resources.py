@@ -48,6 +48,7 @@ class PostgresResource(dg.ConfigurableResource):
 
 class KafkaResource(dg.ConfigurableResource):
     bootstrap_servers: str
+    cdc_partitions: int = 3  # partitions of each cdc-* data topic (KNOWTON_CDC_PARTITIONS)
 
 
 class KafkaConnectResource(dg.ConfigurableResource):
@@ -106,7 +107,10 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             user=dg.EnvVar("KNOWTON_PG_USER"),
             password=dg.EnvVar("KNOWTON_PG_PASSWORD"),
         ),
-        "kafka": KafkaResource(bootstrap_servers=dg.EnvVar("KNOWTON_KAFKA_BOOTSTRAP")),
+        "kafka": KafkaResource(
+            bootstrap_servers=dg.EnvVar("KNOWTON_KAFKA_BOOTSTRAP"),
+            cdc_partitions=int(os.environ.get("KNOWTON_CDC_PARTITIONS", "3")),
+        ),
         "kafka_connect": KafkaConnectResource(url=dg.EnvVar("KNOWTON_CONNECT_URL")),
         "clickhouse_store": ClickHouseResource(dsn=dg.EnvVar("KNOWTON_CLICKHOUSE_DSN")),
         "elasticsearch": ElasticsearchResource(url=dg.EnvVar("KNOWTON_ES_URL")),

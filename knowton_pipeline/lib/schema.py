@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import psycopg
 from psycopg import sql
 
-from knowton_pipeline.catalog import all_topics
+from knowton_pipeline.catalog import topic_partitions
 from knowton_pipeline.lib.kafka_topics import ensure_topics
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
@@ -42,8 +42,12 @@ def apply_all(settings: Settings, stores: Iterable[str] | None = None) -> Iterat
     if "postgres" in chosen:
         yield from apply_postgres(settings)
     if "kafka" in chosen:
-        created = ensure_topics(settings.kafka_bootstrap, all_topics())
-        yield f"kafka: topics {', '.join(all_topics())} present ({len(created)} created)"
+        topics = topic_partitions(int(settings["KNOWTON_CDC_PARTITIONS"]))
+        created, grown = ensure_topics(settings.kafka_bootstrap, topics)
+        yield (
+            f"kafka: topics {', '.join(topics)} present ({len(created)} created, {len(grown)} given more partitions; "
+            f"{settings['KNOWTON_CDC_PARTITIONS']} per cdc-* data topic)"
+        )
     for store in TARGETS.values():
         if store.name in chosen:
             with store.connect(settings) as client:

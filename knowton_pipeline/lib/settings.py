@@ -68,6 +68,9 @@ SPECS: dict[str, _Spec] = {
     "KNOWTON_ALERT_WEBHOOK_URL": _Spec(
         None, "secret-url", "webhook that receives alerts as Slack-compatible JSON (unset: alerts go to the log only)"
     ),
+    "KNOWTON_CDC_PARTITIONS": _Spec(
+        "3", "int", "partitions of each cdc-* data topic: how many processes of one store's sink can share the work"
+    ),
     "KNOWTON_ALERT_THROTTLE_SECONDS": _Spec("900", "int", "at most one alert per check or connector in this window"),
 }
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ class Component:
     runs_unprivileged = False  # PostgreSQL and Elasticsearch refuse to run as root
     stop_signal = signal.SIGTERM
     depends_on: tuple[str, ...] = ()
+    is_sink = False  # a sink of this project rather than a server it runs
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -496,4 +498,56 @@ class Elasticsearch(Component):
         return Health(status in ("green", "yellow"), f"cluster {status}")
 
 
-COMPONENTS: tuple[type[Component], ...] = (Postgres, Kafka, Connect, Elasticsearch)
+class SearchSink(Component):
+    """The Elasticsearch sink as a service (`knowton sink run --store elasticsearch --supervise`): it applies changes
+    as they arrive, so search stays seconds behind PostgreSQL. A Python process, not a server: its health is the
+    status it keeps writing. It never opens ClickHouse, so it and Dagster's runs never wait for each other."""
+
+    name = "sink-elasticsearch"
+    store = "elasticsearch"
+    depends_on = ("postgres", "kafka", "elasticsearch")
+    is_sink = True
+
+    @property
+    def status_path(self) -> Path:
+        return self.dir / "status.json"
+
+    def address(self) -> str:
+        return f"consumer group knowton-sink-{self.store}"
+
+    def prepare(self, user: str | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.status_path.unlink(missing_ok=True)  # health is judged on what this start reports
+
+    def command(self, java: Path | None) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "knowton_pipeline.cli",
+            "sink",
+            "run",
+            "--store",
+            self.store,
+            "--supervise",
+            "--status-file",
+            str(self.status_path),
+        ]
+
+    def environment(self, java: Path | None) -> dict[str, str]:
+        env = super().environment(java)
+        env.update(self.settings.export_env(include_secrets=True))
+        env["PYTHONUNBUFFERED"] = "1"  # its log is read while it runs
+        return env
+
+    def health(self) -> Health:
+        from knowton_pipeline.lib.sync.service import SinkStatus
+
+        status = SinkStatus.load(self.status_path)
+        if status is None:
+            return Health(False, "no status reported yet")
+        # Up and reporting is healthy for the stack, even while it waits out a store or the schema.
+        return Health(status.alive(), status.describe())
+
+
+COMPONENTS: tuple[type[Component], ...] = (Postgres, Kafka, Connect, Elasticsearch, SearchSink)
+SERVERS = tuple(c.name for c in COMPONENTS if not c.is_sink)  # what tests start: they drive the sinks themselves

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from knowton_pipeline.lib.settings import PROJECT_ROOT, SPECS, Settings
+from knowton_pipeline.stack.components import SERVERS
 from knowton_pipeline.stack.manager import Stack
 from knowton_pipeline_tests.helpers import processes_mentioning
 
@@ -37,9 +38,13 @@ def scratch_env(home: Path, offset: int) -> dict[str, str]:
 
 def test_status_json_reports_every_component_running_with_its_address(stack: Stack, settings: Settings) -> None:
     result = run_knowton("stack", "status", "--json", env=settings.export_env(include_secrets=False))
-    assert result.returncode == 0, result.stderr
     by_name = {c["name"]: c for c in json.loads(result.stdout)}
-    assert set(by_name) == {"postgres", "kafka", "connect", "elasticsearch", "clickhouse"}
+    assert set(by_name) == {"postgres", "kafka", "connect", "elasticsearch", "sink-elasticsearch", "clickhouse"}
+    # The tests run the sinks themselves, so the stack's search sink is stopped here, and status says so.
+    assert by_name["sink-elasticsearch"]["state"] == "stopped"
+    assert result.returncode == 1, "a component that is not running fails the status"
+    servers = run_knowton("stack", "status", *SERVERS, env=settings.export_env(include_secrets=False))
+    assert servers.returncode == 0, servers.stdout
     for name in ("postgres", "kafka", "connect", "elasticsearch"):
         assert by_name[name]["state"] == "running", by_name[name]
         assert by_name[name]["pid"], by_name[name]
@@ -51,7 +56,7 @@ def test_status_json_reports_every_component_running_with_its_address(stack: Sta
 
 def test_up_twice_leaves_the_same_single_stack(stack: Stack, settings: Settings) -> None:
     before = {s.name: s.pid for s in stack.status()}
-    result = run_knowton("stack", "up", env=settings.export_env(include_secrets=False))
+    result = run_knowton("stack", "up", *SERVERS, env=settings.export_env(include_secrets=False))
     assert result.returncode == 0, result.stderr
     after = {s.name: s.pid for s in stack.status()}
     assert before == after

@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import table
-from knowton_pipeline.defs.clickhouse.mirrors import mirror_asset
+from knowton_pipeline.defs.clickhouse.mirrors import MirrorBackfillConfig, mirror_asset
 from knowton_pipeline.defs.elasticsearch.indices import index_asset
 from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.settings import Settings
@@ -23,7 +23,7 @@ from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import backfill_range
-from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user
+from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user, wait_for_cdc
 
 USER = table("User")
 
@@ -141,3 +141,29 @@ def test_materializing_todays_partitions_backfills_rows_missing_from_both_stores
     doc = es_source(es, "knowton-contents", str(content))
     assert doc is not None and doc["title"] == "Backfilled"
     assert doc["creator_username"].startswith("bf-")
+
+
+def test_a_backfill_holding_the_embedded_engine_gives_the_clickhouse_sink_its_turns(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+) -> None:
+    address = insert_user(pg, reputation=1)
+    apply()
+    pg.execute('UPDATE "User" SET reputation = 2 WHERE address = %s', (address,))  # a change while it runs
+    wait_for_cdc(settings)
+    mirror = mirror_asset(USER)
+    # A day long past: the backfill itself never reads this row (created today); only the sink's turn brings it.
+    result = dg.materialize(
+        [mirror],
+        partition_key="2025-01-02",
+        resources=build_resources(),
+        run_config=dg.RunConfig(ops={mirror.op.name: MirrorBackfillConfig(sink_turn_seconds=0.0)}),
+    )
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    assert event.materialization.metadata["sink_turns"].value >= 1
+    assert event.materialization.metadata["cdc_events_applied_meanwhile"].value >= 1
+    assert ch_row(ch, "users", "address = {a:String}", {"a": address})["reputation"] == 2  # type: ignore[index]

@@ -23,6 +23,7 @@ from knowton_pipeline_tests.helpers import (
     make_applier,
     read_topic_from,
     topic_end,
+    wait_for_cdc,
 )
 
 WINDOW = RetentionPolicy().tombstone_window
@@ -96,7 +97,7 @@ def test_maintenance_purges_deletes_past_the_window_keeps_newer_ones_and_refuses
     letter = dlq.DeadLetter(
         target="clickhouse",
         topic="cdc-User",
-        partition=0,
+        partition=created.partition(),
         offset=created.offset(),
         key=created.key(),
         value=created.value(),
@@ -130,6 +131,7 @@ def test_the_apply_refuses_a_change_older_than_the_purge_horizon(
     es: Elasticsearch,
 ) -> None:
     address = insert_user(pg)
+    wait_for_cdc(settings)  # the change is in Kafka, so the apply below must meet it
     # A horizon above the change (the WAL position after its commit), as after a purge while the apply was further
     # behind than the window.
     pg.execute(

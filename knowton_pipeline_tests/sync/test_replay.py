@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
@@ -32,9 +32,9 @@ def replay(settings: Settings, ch: ClickHouseClient, es: Elasticsearch, **config
     return stats
 
 
-def letters_for(settings: Settings, topic: str, start: int, marker: bytes) -> list[dlq.DeadLetter]:
-    end = topic_end(settings, topic)
-    msgs = read_topic_from(settings, topic, start, end - start, timeout=10) if end > start else []
+def letters_for(settings: Settings, topic: str, start: Mapping[int, int], marker: bytes) -> list[dlq.DeadLetter]:
+    waiting = sum(topic_end(settings, topic).values()) - sum(start.values())
+    msgs = read_topic_from(settings, topic, start, waiting, timeout=10) if waiting > 0 else []
     return [dlq.DeadLetter.from_dlq_message(m, default_target="") for m in msgs if marker in (m.key() or b"")]
 
 
@@ -172,7 +172,7 @@ def test_replaying_an_old_record_over_newer_data_changes_nothing(
     old = dlq.DeadLetter(
         target="clickhouse",
         topic="cdc-User",
-        partition=0,
+        partition=created.partition(),
         offset=created.offset(),
         key=created.key(),
         value=created.value(),

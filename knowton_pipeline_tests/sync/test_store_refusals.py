@@ -4,7 +4,6 @@ and the records apply once the store takes writes again. Only a record that fail
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import psycopg
@@ -12,11 +11,12 @@ import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
+from knowton_pipeline.catalog import TABLES
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.stores.clickhouse import clickhouse_fault
 from knowton_pipeline.lib.stores.elasticsearch import elasticsearch_fault
 from knowton_pipeline.lib.sync import dlq
-from knowton_pipeline.lib.sync.apply import ApplyStats
+from knowton_pipeline.lib.sync.apply import ApplyStats, group_lag, sink_group
 from knowton_pipeline_tests.helpers import (
     assert_reconciled,
     ch_row,
@@ -24,8 +24,15 @@ from knowton_pipeline_tests.helpers import (
     insert_user,
     make_applier,
     topic_size,
+    wait_for,
     wait_for_cdc,
 )
+
+
+def data_lag(settings: Settings, store: str) -> int:
+    """Changes of the data topics the store's sink has not committed."""
+    lag = group_lag(settings.kafka_bootstrap, sink_group(store), [t.topic for t in TABLES])
+    return sum(lag.values())
 
 
 def _dlq_sizes(settings: Settings) -> dict[str, int]:
@@ -44,8 +51,10 @@ def test_write_block_on_the_users_index_holds_a_single_row_batch_until_lifted(
         applier = make_applier(settings, ch, es, backoff_initial=0.2, backoff_max=1.0, max_retry_seconds=300.0)
         worker = threading.Thread(target=lambda: result.setdefault("stats", applier.run(max_seconds=300)))
         worker.start()
-        time.sleep(5)
+        # ClickHouse's sink is not held back by the blocked index: its group catches up meanwhile.
+        wait_for(lambda: not data_lag(settings, "clickhouse"), timeout=60, what="the ClickHouse sink caught up")
         assert worker.is_alive(), "the apply committed past a write block"
+        assert data_lag(settings, "elasticsearch") >= 1
     finally:
         es.indices.put_settings(index="knowton-users", settings={"index.blocks.write": None})
     worker.join(timeout=300)
@@ -72,8 +81,10 @@ def test_a_renamed_clickhouse_mirror_holds_a_single_row_batch_until_it_is_back(
         applier = make_applier(settings, ch, es, backoff_initial=0.2, backoff_max=1.0, max_retry_seconds=300.0)
         worker = threading.Thread(target=lambda: result.setdefault("stats", applier.run(max_seconds=300)))
         worker.start()
-        time.sleep(5)
+        # The search sink is not held back by ClickHouse: the row is searchable while the mirror is away.
+        wait_for(lambda: es_source(es, "knowton-users", address) is not None, timeout=60, what="the document")
         assert worker.is_alive(), "the apply committed past a missing ClickHouse table"
+        assert data_lag(settings, "clickhouse") >= 1
     finally:
         ch.command("RENAME TABLE knowton.users_away TO knowton.users")
     worker.join(timeout=300)

@@ -8,7 +8,7 @@ from pydantic import Field
 from knowton_pipeline.catalog import TABLES, SyncedTable, table
 from knowton_pipeline.defs.backfill import run_backfill
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
-from knowton_pipeline.defs.partitions import DAILY
+from knowton_pipeline.defs.partitions import DAILY, SYNCED
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ElasticsearchResource, PostgresResource
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.backfill import BackfillStats
@@ -26,11 +26,12 @@ def index_asset(t: SyncedTable) -> dg.AssetsDefinition:
         # A document also shows fields derived from other tables: their changes reach it too.
         deps=[cdc_topic_key(t), *(cdc_topic_key(table(d.table)) for d in t.dependencies)],
         partitions_def=DAILY,
+        freshness_policy=SYNCED,
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="elasticsearch",
         kinds={"elasticsearch"},
         description=(
-            f"Search index (alias {t.elasticsearch_index}) of {t.qualified_name}, kept current by apply_cdc. "
+            f"Search index (alias {t.elasticsearch_index}) of {t.qualified_name}, kept current by the search sink. "
             "Materializing partitions re-indexes the rows created on those days, versioned at the snapshot LSN."
         ),
         metadata={"alias": t.elasticsearch_index, "source": t.qualified_name},

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from knowton_pipeline.catalog import all_topics
+from knowton_pipeline.catalog import topic_partitions
 from knowton_pipeline.defs.resources import (
     CLICKHOUSE_POOL,
     ClickHouseResource,
@@ -25,10 +25,10 @@ def apply_postgres_schema(context: dg.OpExecutionContext, postgres: PostgresReso
             context.log.info(f"applied sql/postgres/{name}")
 
 
-@dg.op(description="Create the cdc-* and DLQ topics if missing.")
+@dg.op(description="Create the cdc-* and DLQ topics if missing; give cdc-* topics the partitions configured.")
 def create_kafka_topics(context: dg.OpExecutionContext, kafka: KafkaResource) -> None:
-    created = ensure_topics(kafka.bootstrap_servers, all_topics())
-    context.log.info(f"topics created: {created or 'none (all present)'}")
+    created, grown = ensure_topics(kafka.bootstrap_servers, topic_partitions(kafka.cdc_partitions))
+    context.log.info(f"topics created: {created or 'none (all present)'}; given more partitions: {grown or 'none'}")
 
 
 @dg.op(pool=CLICKHOUSE_POOL, description="Apply sql/clickhouse/*.sql: the mirror and aggregate tables.")

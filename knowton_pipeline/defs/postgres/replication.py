@@ -1,5 +1,5 @@
 """Replication health on the PostgreSQL side: asset checks on `postgres/ops/heartbeat` (the slot, end-to-end
-lag per topic, sessions idle in a transaction) and `replication_lag_sensor`, which records them as numbers the
+lag of each store's sink per topic, sessions idle in a transaction) and `replication_lag_sensor`, which records them as numbers the
 UI plots and alerts when one turns to ERROR."""
 
 import time
@@ -7,12 +7,13 @@ from typing import Any
 
 import dagster as dg
 
-from knowton_pipeline.catalog import HEARTBEAT
-from knowton_pipeline.defs.cursors import AlertCursor
+from knowton_pipeline.catalog import HEARTBEAT, TABLES
+from knowton_pipeline.defs.cursors import ReplicationCursor
 from knowton_pipeline.defs.postgres.assets import postgres_table_key
 from knowton_pipeline.defs.postgres.heal import HEAL_INCIDENT, HealReplicationConfig, heal_cdc, heal_replication
 from knowton_pipeline.defs.resources import AlertsResource, KafkaResource, PostgresResource
 from knowton_pipeline.defs.runs import run_in_flight
+from knowton_pipeline.defs.store_assets import store_asset_key
 from knowton_pipeline.lib.health.alerts import Alert, AlertBook, Dispatch
 from knowton_pipeline.lib.health.heal import slot_lost
 from knowton_pipeline.lib.health.replication import (
@@ -24,11 +25,15 @@ from knowton_pipeline.lib.health.replication import (
     SlotThresholds,
     end_to_end_lag,
     idle_transaction_health,
+    published_heartbeat,
     slot_health,
 )
 from knowton_pipeline.lib.reconcile.record import open_incident
+from knowton_pipeline.lib.stores import TARGETS
+from knowton_pipeline.lib.sync.apply import sink_group
 
 HEARTBEAT_ASSET = postgres_table_key(HEARTBEAT)
+UP_TO_DATE_EVERY_SECONDS = 60  # how often a caught-up sink's assets are recorded as up to date
 HEAL_RETRY_SECONDS = 300  # at most one heal_replication run per this many seconds
 SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR, "ok": dg.AssetCheckSeverity.WARN}
 
@@ -73,6 +78,10 @@ def _idle_metadata(idle: IdleTransactionHealth) -> dict[str, Any]:
     }
 
 
+def lag_check_name(store: str) -> str:
+    return f"end_to_end_lag_{store}"
+
+
 def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
     return {
         "lag_seconds": dg.FloatMetadataValue(round(lag.lag_seconds, 3) if lag.lag_seconds is not None else -1.0),
@@ -84,6 +93,15 @@ def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
     }
 
 
+def _store_lag_metadata(store: str, lag: LagHealth) -> dict[str, Any]:
+    """`_lag_metadata` of one store among several: `lag_seconds:elasticsearch`, `lag_seconds:elasticsearch:cdc-User`."""
+    out = {}
+    for key, value in _lag_metadata(lag).items():
+        name, _, topic = key.partition(":")
+        out[f"{name}:{store}" + (f":{topic}" if topic else "")] = value
+    return out
+
+
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec(
@@ -91,14 +109,17 @@ def _lag_metadata(lag: LagHealth) -> dict[str, Any]:
             asset=HEARTBEAT_ASSET,
             description="Debezium's slot exists and is active, wal_status is not unreserved/lost, retained WAL is low.",
         ),
-        dg.AssetCheckSpec(
-            "end_to_end_lag",
-            asset=HEARTBEAT_ASSET,
-            description=(
-                "The oldest change not yet written to ClickHouse and Elasticsearch on any cdc-* topic, or the "
-                "newest applied heartbeat when all are caught up: WARN above 30 s, ERROR above 60 s."
-            ),
-        ),
+        *[
+            dg.AssetCheckSpec(
+                lag_check_name(store),
+                asset=HEARTBEAT_ASSET,
+                description=(
+                    f"The oldest change on any cdc-* topic that the {store} sink has not written yet, and at least the "
+                    "age of Debezium's newest heartbeat: WARN above 30 s, ERROR above 60 s."
+                ),
+            )
+            for store in TARGETS
+        ],
         dg.AssetCheckSpec(
             "idle_transactions",
             asset=HEARTBEAT_ASSET,
@@ -126,9 +147,28 @@ def replication_health(
             if "idle_transactions" in selected:
                 idle = idle_transaction_health(conn, replication_thresholds.idle())
                 yield _result("idle_transactions", idle.verdict, idle.reason, _idle_metadata(idle))
-    if "end_to_end_lag" in selected:
-        lag = end_to_end_lag(kafka.bootstrap_servers, replication_thresholds.lag())
-        yield _result("end_to_end_lag", lag.verdict, lag.reason, _lag_metadata(lag))
+    stores = [store for store in TARGETS if lag_check_name(store) in selected]
+    published = published_heartbeat(kafka.bootstrap_servers) if stores else None
+    for store in stores:
+        lag = end_to_end_lag(store, kafka.bootstrap_servers, replication_thresholds.lag(), published)
+        yield _result(lag_check_name(store), lag.verdict, lag.reason, _lag_metadata(lag))
+
+
+def up_to_date_events(store: str, lag: LagHealth) -> list[dg.AssetMaterialization]:
+    """The store's assets as brought up to date by its sink, with how far behind it was."""
+    return [
+        dg.AssetMaterialization(
+            asset_key=store_asset_key(store, t),
+            description=f"brought up to date by the {store} sink ({lag.reason})",
+            metadata={
+                "sink_group": sink_group(store),
+                "applied_heartbeat": lag.applied_heartbeat.isoformat() if lag.applied_heartbeat else "",
+                "lag_seconds": dg.FloatMetadataValue(round(lag.lag_seconds or 0.0, 3)),
+            },
+        )
+        for t in TABLES
+        if TARGETS[store].holds(t)
+    ]
 
 
 def _result(name: str, verdict: str, reason: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
@@ -153,27 +193,43 @@ def replication_lag_sensor(
     alerts: AlertsResource,
     replication_thresholds: ReplicationThresholds,
 ) -> dg.SensorResult:
-    state = AlertCursor.load(context)
+    state = ReplicationCursor.load(context)
     book = AlertBook.from_json(state.alerts)
     with postgres.get_connection(autocommit=True) as conn:
         slot = slot_health(conn, replication_thresholds.slot())
         idle = idle_transaction_health(conn, replication_thresholds.idle())
-    lag = end_to_end_lag(kafka.bootstrap_servers, replication_thresholds.lag())
+    published = published_heartbeat(kafka.bootstrap_servers)
+    lags = {
+        store: end_to_end_lag(store, kafka.bootstrap_servers, replication_thresholds.lag(), published)
+        for store in TARGETS
+    }
     now = time.time()
     dispatch = Dispatch(alerts.channels(context.log), context.log)
     for key, failing, title, text in (
         ("replication:slot", slot.verdict == "error", "Replication slot needs attention", slot.reason),
-        ("replication:lag", lag.verdict == "error", "End-to-end replication lag above the limit", lag.reason),
+        *[
+            (f"replication:lag:{store}", lag.verdict == "error", f"The {store} sink lags behind the limit", lag.reason)
+            for store, lag in lags.items()
+        ],
         ("replication:idle_transaction", idle.verdict == "error", "A session is idle in a transaction", idle.reason),
     ):
         message = book.update(Alert(key, "error", title, text), failing, now, alerts.throttle_seconds)
         if message is not None and dispatch.send(message):  # undelivered: due again next tick
             book.mark_sent(message, now)
     state.alerts = book.to_json()
+    lag_metadata = {k: v for store, lag in lags.items() for k, v in _store_lag_metadata(store, lag).items()}
     observation = dg.AssetObservation(
-        asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **_lag_metadata(lag), **_idle_metadata(idle)}
+        asset_key=HEARTBEAT_ASSET, metadata={**_slot_metadata(slot), **lag_metadata, **_idle_metadata(idle)}
     )
     runs = []
+    events: list[dg.AssetObservation | dg.AssetMaterialization] = [observation]
+    for store, lag in lags.items():
+        # A caught-up sink has brought its store's assets up to date: recorded (at most once a minute) as a
+        # materialization, which is what the assets' freshness policy reads.
+        if lag.verdict == "ok" and now - state.up_to_date_at.get(store, 0.0) >= UP_TO_DATE_EVERY_SECONDS:
+            state.up_to_date_at[store] = now
+            events += up_to_date_events(store, lag)
+    state.alerts = book.to_json()
     with postgres.get_connection(autocommit=True) as conn:
         unfinished = open_incident(conn, HEAL_INCIDENT) is not None
     if (slot_lost(slot) or unfinished) and run_in_flight(context.instance, heal_replication) is None:
@@ -187,9 +243,12 @@ def replication_lag_sensor(
         )
     return dg.SensorResult(
         run_requests=runs,
-        asset_events=[observation],
+        asset_events=events,
         cursor=state.dump(),
-        skip_reason=None if runs else f"slot {slot.verdict}, lag {lag.verdict}: {lag.reason}",
+        skip_reason=None
+        if runs
+        else f"slot {slot.verdict}; "
+        + "; ".join(f"{store} lag {lag.verdict}: {lag.reason}" for store, lag in lags.items()),
     )
 
 

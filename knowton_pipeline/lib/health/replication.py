@@ -1,8 +1,8 @@
 """Replication health: the Debezium slot as PostgreSQL reports it (pg_replication_slots), and end-to-end
-lag per topic: the age of the oldest change the sync group has not applied yet, on every `cdc-*` topic. The
-heartbeat (Debezium writes one every few seconds) is only the idle-time signal: when every data topic is caught
-up, the lag is how old the newest applied heartbeat is. So a data topic far behind cannot hide behind fresh
-heartbeats.
+lag per store and topic: the age of the oldest data change a store's sink has not applied yet, on every `cdc-*`
+topic, and at least the age of the newest heartbeat Debezium has published (it writes one every few seconds, so
+an old one means Debezium itself is behind). A data topic far behind cannot hide behind fresh heartbeats, and a
+store whose sink has nothing left to apply is green at rest without applying heartbeats.
 
 A verdict per check: "ok", "warn" or "error", with the numbers behind it.
 """
@@ -18,8 +18,8 @@ from typing import Literal
 import psycopg
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, TopicPartition
 
-from knowton_pipeline.catalog import CDC_TABLES, HEARTBEAT
-from knowton_pipeline.lib.sync.apply import DEFAULT_GROUP, committed_timestamp
+from knowton_pipeline.catalog import CDC_TABLES, HEARTBEAT, TABLES
+from knowton_pipeline.lib.sync.apply import committed_timestamp, sink_group
 
 Verdict = Literal["ok", "warn", "error"]
 SLOT = "knowton_cdc_slot"
@@ -85,9 +85,9 @@ class LagHealth:
     per_topic_seconds: Mapping[str, float] = field(default_factory=dict)  # age of each topic's oldest waiting change
 
 
-def applied_heartbeat(bootstrap: str, group_id: str = DEFAULT_GROUP, timeout: float = 5.0) -> datetime | None:
-    """When Debezium produced the newest heartbeat the sync group has applied and committed: the apply
-    commits an offset only after both stores hold the batch, so this is end-to-end for both. No store is
+def applied_heartbeat(bootstrap: str, group_id: str, timeout: float = 5.0) -> datetime | None:
+    """When Debezium produced the newest heartbeat a sink's group has applied and committed: a sink commits an
+    offset only after its store holds the batch, so this is end-to-end for that store. No store is
     opened (a sensor must not open the embedded ClickHouse engine).
 
     The apply stores that record's timestamp with the offset; an offset committed without it costs a fetch
@@ -114,7 +114,7 @@ def applied_heartbeat(bootstrap: str, group_id: str = DEFAULT_GROUP, timeout: fl
 
 @dataclass(frozen=True)
 class TopicLag:
-    """How far the sync group is on one topic (all its partitions)."""
+    """How far a sink's group is on one topic (all its partitions)."""
 
     topic: str
     behind: int  # records written to the topic and not applied yet
@@ -123,7 +123,7 @@ class TopicLag:
 
 
 def topic_lags(
-    bootstrap: str, group_id: str = DEFAULT_GROUP, topics: Sequence[str] | None = None, timeout: float = 5.0
+    bootstrap: str, group_id: str, topics: Sequence[str] | None = None, timeout: float = 5.0
 ) -> list[TopicLag]:
     """Per `cdc-*` topic: records not applied by `group_id`, and the time of the oldest one (one fetch per
     partition that is behind). The heartbeat topic's newest applied record comes from the committed offset's
@@ -178,42 +178,63 @@ def _first_record_times(consumer: Consumer, starts: list[TopicPartition], timeou
 
 def pipeline_lag(
     lags: Sequence[TopicLag],
-    applied: datetime | None,
+    published: datetime | None,
     thresholds: LagThresholds = LagThresholds(),
     now: datetime | None = None,
+    applied: datetime | None = None,
 ) -> LagHealth:
-    """End-to-end lag: the oldest change waiting on any topic; when none waits, the age of the newest applied
-    heartbeat (`applied`), which Debezium refreshes every few seconds even when nothing changes."""
+    """End-to-end lag of one store: the age of the oldest data change waiting for its sink on any topic, and at least
+    the age of the newest heartbeat Debezium has published (`published`: it writes one every few seconds, so an
+    old one means changes committed since are not even in Kafka). A store whose sink holds every published data
+    change is as fresh as that heartbeat, whether or not the sink has applied the heartbeat itself; `applied`, the
+    newest heartbeat the sink applied, is only reported."""
     now = now or datetime.now(UTC)
     waiting = [(max(0.0, (now - t.oldest_unapplied).total_seconds()), t) for t in lags if t.oldest_unapplied]
     per_topic = {t.topic: 0.0 for t in lags}
     for age, t in waiting:
         per_topic[t.topic] = age
+    if published is None:
+        return LagHealth(applied, None, "error", "Debezium has not published a heartbeat yet", per_topic)
+    heartbeat_age = max(0.0, (now - published).total_seconds())
     if waiting:
         age, worst = max(waiting, key=lambda w: w[0])
         reason = f"{worst.topic}: {worst.behind} change(s) not applied, the oldest {age:.1f} s old"
-        lag = age
-    elif applied is None:
-        return LagHealth(None, None, "error", "no heartbeat has been applied yet", per_topic)
+        lag = max(age, heartbeat_age)
     else:
-        lag = max(0.0, (now - applied).total_seconds())
-        reason = f"every topic is caught up; the newest applied heartbeat is {lag:.1f} s old"
-    if applied is not None and waiting:
-        lag = max(lag, (now - applied).total_seconds())
+        lag = heartbeat_age
+        reason = f"every data change published is applied; Debezium's newest heartbeat is {lag:.1f} s old"
     verdict: Verdict = "error" if lag > thresholds.error_seconds else "warn" if lag > thresholds.warn_seconds else "ok"
     return LagHealth(applied, lag, verdict, reason, per_topic)
 
 
+def published_heartbeat(bootstrap: str, timeout: float = 5.0) -> datetime | None:
+    """When Debezium produced the newest record of the heartbeat topic; None when it holds none."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "knowton-lag-probe", "enable.auto.commit": False})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(HEARTBEAT.topic, 0), timeout=timeout, cached=False)
+        if high <= low:
+            return None
+        return _first_record_times(consumer, [TopicPartition(HEARTBEAT.topic, 0, high - 1)], timeout)[HEARTBEAT.topic]
+    finally:
+        consumer.close()
+
+
 def end_to_end_lag(
-    bootstrap: str, thresholds: LagThresholds = LagThresholds(), group_id: str = DEFAULT_GROUP
+    store: str,
+    bootstrap: str,
+    thresholds: LagThresholds = LagThresholds(),
+    published: datetime | None = None,
 ) -> LagHealth:
-    """`pipeline_lag` of the sync group, measured now."""
-    lags = topic_lags(bootstrap, group_id)
-    heartbeat = next((t for t in lags if t.topic == HEARTBEAT.topic), None)
-    applied = heartbeat.newest_applied if heartbeat else None
-    if applied is None:
-        applied = applied_heartbeat(bootstrap, group_id)
-    return pipeline_lag(lags, applied, thresholds)
+    """`pipeline_lag` of a store's sink, measured now from its group's committed offsets on the data topics.
+    `published` (the newest heartbeat in Kafka) is read when not given."""
+    group_id = sink_group(store)
+    lags = topic_lags(bootstrap, group_id, [t.topic for t in TABLES])
+    return pipeline_lag(
+        lags,
+        published if published is not None else published_heartbeat(bootstrap),
+        thresholds,
+        applied=applied_heartbeat(bootstrap, group_id),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""CDC apply: consume the cdc-* topics, write ClickHouse and Elasticsearch in batches, then commit.
+"""CDC sinks: one per target store, each consuming the cdc-* topics in its own Kafka consumer group
+(`knowton-sink-<store>`), writing its store in batches, then committing.
 
-At-least-once and nothing lost (docs/architecture.md, "Nothing lost, nothing hidden"): offsets are committed only after every
-record of a batch is written or durably dead-lettered; a store that is down is retried with backoff
-and never dead-letters anything; only records that can never be applied go to the DLQ.
+At-least-once and nothing lost (docs/architecture.md, "Nothing lost, nothing hidden"): offsets are committed only
+after every record of a batch is written or durably dead-lettered; a store that is down is retried with backoff
+and never dead-letters anything; only records that can never be applied go to the store's DLQ. Each store has its
+own group, offsets, retries and DLQ, so an outage of one never holds the other back.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ from typing import Any
 import elastic_transport
 import psycopg
 from clickhouse_connect.driver import exceptions as ch_errors
-from clickhouse_connect.driver.client import Client as ClickHouseClient
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
-from elasticsearch import ApiError, Elasticsearch
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from elasticsearch import ApiError
 
 from knowton_pipeline.catalog import CDC_TABLES, Dependency, SyncedTable, UnknownTableError, documents_fed_by
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
 from knowton_pipeline.lib.maintenance import check_not_below_horizon, purge_horizon
-from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome
-from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
-from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
+from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome, Writer
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.positions import check_source_not_behind, source_position
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
@@ -37,7 +44,20 @@ from knowton_pipeline.lib.sync.source import all_keys, document_items, linked_ke
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = "knowton-sync"
+LEGACY_GROUP = "knowton-sync"  # the one group both stores shared before each had its own sink
+HORIZON_READ_SECONDS = 60.0  # how often a running sink reads the purge horizon again
+
+
+def sink_group(store: str) -> str:
+    """The Kafka consumer group of a store's sink."""
+    return f"knowton-sink-{store}"
+
+
+NOT_A_MEMBER = (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS)
+
+
+class GroupMembershipError(RuntimeError):
+    """The consumer group refused a commit: the partitions belong to another member now."""
 
 
 class StoreUnavailableError(RuntimeError):
@@ -48,8 +68,7 @@ class StoreUnavailableError(RuntimeError):
 class ApplyStats:
     events: int = 0
     tombstones: int = 0
-    clickhouse_rows: int = 0
-    elasticsearch_docs: int = 0
+    written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0))
     stale: int = 0
     dead_lettered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0))
     retries: int = 0
@@ -60,17 +79,37 @@ class ApplyStats:
 
     def summary(self) -> str:
         rate = self.events / self.seconds if self.seconds else 0.0
+        written = ", ".join(f"{n} written to {store}" for store, n in self.written.items() if n)
         return (
-            f"{self.events} events in {self.batches} batches ({rate:,.0f}/s): {self.clickhouse_rows} ClickHouse rows, "
-            f"{self.elasticsearch_docs} Elasticsearch documents, {self.stale} stale writes refused, "
-            f"dead-lettered {self.dead_lettered}, {self.retries} retries, lag {self.lag}"
+            f"{self.events} events in {self.batches} batches ({rate:,.0f}/s): {written or 'nothing written'}, "
+            f"{self.stale} stale writes refused, dead-lettered {self.dead_lettered}, {self.retries} retries, "
+            f"lag {self.lag}"
         )
+
+    @classmethod
+    def combined(cls, parts: Sequence[ApplyStats]) -> ApplyStats:
+        """The stats of several sinks run side by side: counts add up, time and lag are the largest."""
+        out = cls()
+        for p in parts:
+            out.events += p.events
+            out.tombstones += p.tombstones
+            out.stale += p.stale
+            out.retries += p.retries
+            out.batches += p.batches
+            out.seconds = max(out.seconds, p.seconds)
+            out.lag = max(out.lag, p.lag)
+            for store in TARGETS:
+                out.written[store] += p.written.get(store, 0)
+                out.dead_lettered[store] += p.dead_lettered.get(store, 0)
+            for table, n in p.per_table.items():
+                out.per_table[table] += n
+        return out
 
 
 @dataclass(frozen=True)
 class ApplyConfig:
     bootstrap: str
-    group_id: str = DEFAULT_GROUP
+    group_id: str | None = None  # None: the store's own group, `sink_group(store)`
     topics: tuple[str, ...] = tuple(t.topic for t in CDC_TABLES)
     batch_size: int = 2000
     max_retry_seconds: float = 300.0
@@ -113,36 +152,49 @@ def retry_transient(
             delay = min(delay * 2, maximum)
 
 
-class CdcApplier:
+class CdcSink:
+    """The sink of one target store: consumes the cdc-* topics in the store's own consumer group and writes only
+    that store. It opens no other store, so a sink of Elasticsearch never waits for ClickHouse, or the reverse."""
+
     def __init__(
         self,
         config: ApplyConfig,
         *,
-        clickhouse: ClickHouseClient,
-        es: Elasticsearch,
+        store: str,
+        client: Any,
         pg_conninfo: Mapping[str, Any],
         on_progress: Callable[[ApplyStats], None] | None = None,
+        tick_seconds: float | None = None,
+        writer: Writer | None = None,
     ):
+        """`writer` replaces the store's own (a benchmark writes to throwaway tables)."""
         self.config = config
-        self.clients: dict[str, Any] = {CLICKHOUSE.name: clickhouse, ELASTICSEARCH.name: es}
-        self.writers = {name: TARGETS[name].writer(client) for name, client in self.clients.items()}
+        self.tick_seconds = tick_seconds  # a long-running sink reports progress at least this often, even idle
+        self.store: TargetStore = TARGETS[store]
+        self.client = client
+        self.group_id = config.group_id or sink_group(store)
+        self.writer = writer or self.store.writer(client)
         self.pg_conninfo = dict(pg_conninfo)
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
         self._pg: psycopg.Connection | None = None
         self._positions: dict[tuple[str, int], int] = {}
-        self._horizon = 0  # the tombstone purge horizon, read when a run starts
+        self._horizon = 0  # the tombstone purge horizon, read when a run starts and each minute after
+        self._horizon_read = time.monotonic()
+        self.assignment: list[tuple[str, int]] = []  # the partitions this sink holds now
 
     # --- plumbing --------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
         return Consumer(
             {
                 "bootstrap.servers": self.config.bootstrap,
-                "group.id": self.config.group_id,
+                "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "max.poll.interval.ms": 1_800_000,  # a batch may wait out a store outage
-                "session.timeout.ms": 45_000,
+                "session.timeout.ms": 10_000,  # a sink that died hands its partitions over within seconds
+                "heartbeat.interval.ms": 2_000,
+                "fetch.wait.max.ms": 100,  # a change is fetched within a tenth of a second of its arrival
             }
         )
 
@@ -169,17 +221,25 @@ class CdcApplier:
         assigned = threading.Event()
         if until_caught_up:
             # A run that stops when caught up takes its partitions directly from the group's committed
-            # offsets: no rebalance to wait for. A long-running worker joins the group instead.
-            consumer.assign(self._committed_positions(consumer))
+            # offsets: no rebalance to wait for. A long-running sink joins the group instead, and shares the
+            # partitions with the group's other members.
+            consumer.assign(self._starting_positions(consumer, self._partitions(consumer)))
             assigned.set()
         else:
 
             def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
-                committed = c.committed(parts, timeout=10)
-                self._positions.update({(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0})
+                c.assign(self._starting_positions(c, parts))
+                self.assignment = sorted((tp.topic, tp.partition) for tp in parts)
+                log.info("%s: assigned %d partition(s)", self.group_id, len(parts))
                 assigned.set()
 
-            consumer.subscribe(list(self.config.topics), on_assign=on_assign)
+            def on_revoke(c: Consumer, parts: list[TopicPartition]) -> None:
+                for tp in parts:
+                    self._positions.pop((tp.topic, tp.partition), None)
+                self.assignment = []
+
+            consumer.subscribe(list(self.config.topics), on_assign=on_assign, on_revoke=on_revoke)
+        reported = time.monotonic()
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -192,10 +252,17 @@ class CdcApplier:
                     stats.lag = consumer_lag(consumer, self._positions)
                     if self.on_progress:
                         self.on_progress(stats)
+                    reported = time.monotonic()
                 elif until_caught_up and assigned.is_set():
                     stats.lag = consumer_lag(consumer, self._positions)
                     if stats.lag == 0:
                         break
+                elif self.tick_seconds is not None and time.monotonic() - reported >= self.tick_seconds:
+                    stats.seconds = time.monotonic() - t0
+                    stats.lag = consumer_lag(consumer, self._positions) if assigned.is_set() else stats.lag
+                    if self.on_progress:
+                        self.on_progress(stats)
+                    reported = time.monotonic()
         finally:
             stats.seconds = time.monotonic() - t0
             consumer.close()
@@ -204,38 +271,68 @@ class CdcApplier:
         return stats
 
     def check_source_position(self) -> None:
-        """Refuse to start when the stores hold versions beyond the source's WAL (a restored source)."""
+        """Refuse to start when the store holds versions beyond the source's WAL (a restored source)."""
         conn = self._pg_conn()
         try:
             source = source_position(conn)
             self._horizon = purge_horizon(conn)
+            self._horizon_read = time.monotonic()
             check_source_not_behind(source, {"the tombstone purge (ops.purges)": {"horizon": self._horizon}})
         finally:
             conn.rollback()
         try:
-            newest = {name: TARGETS[name].newest_versions(client) for name, client in self.clients.items()}
+            newest = {self.store.name: self.store.newest_versions(self.client)}
         except (ApiError, elastic_transport.TransportError, ch_errors.Error, OSError) as exc:
             # A store that cannot answer is an outage to wait out, like a write it refuses.
             raise TransientStoreError(f"reading the newest versions failed: {type(exc).__name__}: {exc}") from exc
         check_source_not_behind(source, newest)
 
-    def _committed_positions(self, consumer: Consumer) -> list[TopicPartition]:
+    def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
         meta = consumer.list_topics(timeout=10).topics
         missing = [t for t in self.config.topics if t not in meta or meta[t].error is not None]
         if missing:
             raise StoreUnavailableError(f"topic(s) {', '.join(missing)} do not exist; run `knowton schema apply`")
-        parts = [TopicPartition(t, p) for t in self.config.topics for p in meta[t].partitions]
-        committed = consumer.committed(parts, timeout=10)
-        self._positions.update({(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0})
-        return [
-            TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-            for tp in committed
-        ]
+        return [TopicPartition(t, p) for t in self.config.topics for p in meta[t].partitions]
+
+    def _starting_positions(self, consumer: Consumer, parts: list[TopicPartition]) -> list[TopicPartition]:
+        """Where to start each partition: the group's committed offset; for a partition the group has never
+        committed, where the shared group of earlier releases (`LEGACY_GROUP`) got to, so an upgrade does not
+        apply the whole topic again; else the beginning."""
+        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(parts, timeout=10)}
+        fresh = [tp for tp in parts if committed.get((tp.topic, tp.partition), -1) < 0]
+        if fresh and self.group_id == sink_group(self.store.name):
+            legacy = Consumer({"bootstrap.servers": self.config.bootstrap, "group.id": LEGACY_GROUP})
+            try:
+                for tp in legacy.committed([TopicPartition(t.topic, t.partition) for t in fresh], timeout=10):
+                    if tp.offset >= 0:
+                        committed[(tp.topic, tp.partition)] = tp.offset
+            finally:
+                legacy.close()
+        self._positions.update({k: o for k, o in committed.items() if o >= 0})
+        starts = [(tp.topic, tp.partition, committed.get((tp.topic, tp.partition), -1)) for tp in parts]
+        return [TopicPartition(t, p, o if o >= 0 else OFFSET_BEGINNING) for t, p, o in starts]
 
     def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
         def attempt() -> None:
+            if time.monotonic() - self._horizon_read > HORIZON_READ_SECONDS:
+                # A sink that runs for days sees the purges made while it runs.
+                conn = self._pg_conn()
+                self._horizon = purge_horizon(conn)
+                conn.rollback()
+                self._horizon_read = time.monotonic()
             self.apply_batch(msgs, stats)
-            self._positions.update(commit(consumer, msgs))
+            try:
+                self._positions.update(commit(consumer, msgs))
+            except KafkaException as exc:
+                if exc.args[0].code() not in NOT_A_MEMBER:
+                    raise
+                # Retrying cannot help: the batch is written (idempotent) and whoever owns the partitions now
+                # applies it again.
+                raise GroupMembershipError(
+                    f"{self.group_id} did not take this sink's commit ({exc.args[0].str()}): another member owns its "
+                    "partitions (a running sink service, or a rebalance). A run that stops when caught up cannot "
+                    "commit beside a running sink of the same store; a running sink joins the group again."
+                ) from exc
             stats.batches += 1
 
         def on_retry(exc: BaseException) -> None:
@@ -254,44 +351,103 @@ class CdcApplier:
 
     # --- one batch -------------------------------------------------------------------------
     def apply_batch(self, msgs: Sequence[Message], stats: ApplyStats) -> None:
-        """Write one batch to both targets and dead-letter its poison records. Idempotent."""
+        """Write one batch to the store and dead-letter its poison records. Idempotent."""
         events: list[tuple[ChangeEvent, Message]] = []
         letters: list[dlq.DeadLetter] = []
         for msg in msgs:
             try:
                 event = decode_event(msg.topic(), msg.key(), msg.value())
             except (MalformedEventError, UnknownTableError) as exc:
-                letters += [dlq.DeadLetter.from_failure(t, msg, exc) for t in TARGETS]
+                letters.append(dlq.DeadLetter.from_failure(self.store.name, msg, exc))
                 continue
             if event is None:
                 stats.tombstones += 1
                 continue
-            # A change older than the purge horizon could resurrect a purged delete: the apply is further behind
+            # A change older than the purge horizon could resurrect a purged delete: the sink is further behind
             # than the retention window, which is for a rebuild to fix, not for this batch to guess.
             check_not_below_horizon(event.version, self._horizon, f"a change of {event.table.name} in {msg.topic()}")
             events.append((event, msg))
 
-        outcomes: dict[str, WriteOutcome] = {}
-        for store in TARGETS.values():
-            writer = self.writers[store.name]
-            outcome = outcomes[store.name] = writer.write(target_items(store, events, self._pg_conn))
-            letters += _letters(store.name, outcome)
-            # A truncate turns what the store holds of the table below its version into tombstones, after the
-            # batch's other writes: changes after the truncate carry higher versions and stay.
-            for e, _ in events:
-                if e.is_truncate and store.holds(e.table):
-                    outcome.written += writer.truncate(e.table, e.version)
+        outcome = self.writer.write(target_items(self.store, events, self._pg_conn))
+        letters += _letters(self.store.name, outcome)
+        # A truncate turns what the store holds of the table below its version into tombstones, after the
+        # batch's other writes: changes after the truncate carry higher versions and stay.
+        for e, _ in events:
+            if e.is_truncate and self.store.holds(e.table):
+                outcome.written += self.writer.truncate(e.table, e.version)
 
         dlq.publish(self.producer, letters)
         # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
         stats.events += len(events)
-        stats.clickhouse_rows += outcomes[CLICKHOUSE.name].written
-        stats.elasticsearch_docs += outcomes[ELASTICSEARCH.name].written
-        stats.stale += sum(o.stale for o in outcomes.values())
+        stats.written[self.store.name] += outcome.written
+        stats.stale += outcome.stale
         for letter in letters:
             stats.dead_lettered[letter.target] += 1
         for e, _ in events:
             stats.per_table[e.table.name] += 1
+
+
+class SideBySide:
+    """Several stores' sinks run at once, each in its own thread with its own group, as `knowton sink run` does
+    when given more than one store: one store's outage holds back only its own sink."""
+
+    def __init__(self, sinks: Sequence[CdcSink]):
+        self.sinks = list(sinks)
+
+    @classmethod
+    def of(
+        cls,
+        config: ApplyConfig,
+        clients: Mapping[str, Any],
+        pg_conninfo: Mapping[str, Any],
+        on_progress: Callable[[ApplyStats], None] | None = None,
+    ) -> SideBySide:
+        return cls(
+            [
+                CdcSink(config, store=name, client=client, pg_conninfo=pg_conninfo, on_progress=on_progress)
+                for name, client in clients.items()
+            ]
+        )
+
+    def run(self, **run_args: Any) -> ApplyStats:
+        """Run every sink to the end (see `CdcSink.run`); the first error any raised is raised after all stop."""
+        results: dict[int, ApplyStats] = {}
+        errors: list[BaseException] = []
+
+        def one(i: int, sink: CdcSink) -> None:
+            try:
+                results[i] = sink.run(**run_args)
+            except BaseException as exc:  # re-raised below, once every sink has stopped
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i, s), name=s.group_id) for i, s in enumerate(self.sinks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return ApplyStats.combined([results[i] for i in sorted(results)])
+
+
+class SinkTurns:
+    """Turns for a store's sink inside a long job that holds the store (a backfill holds the embedded ClickHouse
+    engine for as long as it runs): called between the job's chunks, it runs the sink until caught up at most
+    every `every` seconds, so the store stays fresh while the job runs instead of waiting for its end."""
+
+    def __init__(self, sink: CdcSink, *, every: float = 30.0, budget: float = 20.0):
+        self.sink, self.every, self.budget = sink, every, budget
+        self.last = time.monotonic()
+        self.turns = 0
+        self.events = 0
+
+    def __call__(self, *_: object) -> None:
+        if time.monotonic() - self.last < self.every:
+            return
+        stats = self.sink.run(until_caught_up=True, max_seconds=self.budget)
+        self.turns += 1
+        self.events += stats.events
+        self.last = time.monotonic()
 
 
 def latest_per_key(events: Sequence[tuple[ChangeEvent, Any]]) -> list[tuple[ChangeEvent, tuple[Any, ...]]]:
@@ -465,7 +621,7 @@ def consumer_lag(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -
     return total
 
 
-def group_lag(bootstrap: str, group_id: str = DEFAULT_GROUP, topics: Sequence[str] | None = None) -> dict[str, int]:
+def group_lag(bootstrap: str, group_id: str, topics: Sequence[str] | None = None) -> dict[str, int]:
     """Per-topic lag of a consumer group from its committed offsets (cheap: for sensors)."""
     topics = list(topics or [t.topic for t in CDC_TABLES])
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
