@@ -10,8 +10,10 @@ bash scripts/setup.sh
 test_env=$(.venv/bin/python -m knowton_pipeline_tests.stack_home)
 eval "$test_env"
 knowton=.venv/bin/knowton
+# The servers only: the tests drive the sinks themselves (the demo's `stack up` also starts the search sink).
+servers=$(.venv/bin/python -c 'from knowton_pipeline.stack.components import SERVERS; print(" ".join(SERVERS))')
 started_here=0
-if ! $knowton stack status >/dev/null 2>&1; then
+if ! $knowton stack status $servers >/dev/null 2>&1; then
   started_here=1
 fi
 stop_stack() {
@@ -20,7 +22,7 @@ stop_stack() {
   fi
 }
 trap stop_stack EXIT
-$knowton stack up
+$knowton stack up $servers
 eval "$($knowton env)"
 .venv/bin/ruff check knowton_pipeline knowton_pipeline_tests
 mkdir -p test-output

@@ -195,6 +195,7 @@ class CdcSink:
                 "session.timeout.ms": 10_000,  # a sink that died hands its partitions over within seconds
                 "heartbeat.interval.ms": 2_000,
                 "fetch.wait.max.ms": 100,  # a change is fetched within a tenth of a second of its arrival
+                "topic.metadata.refresh.interval.ms": 30_000,  # partitions added to a topic are taken up soon
             }
         )
 
@@ -238,6 +239,7 @@ class CdcSink:
                     self._positions.pop((tp.topic, tp.partition), None)
                 self.assignment = []
 
+            self._partitions(consumer)  # a topic still missing (schema not applied): fail now, retried by the caller
             consumer.subscribe(list(self.config.topics), on_assign=on_assign, on_revoke=on_revoke)
         reported = time.monotonic()
         try:
