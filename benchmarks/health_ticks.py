@@ -117,7 +117,9 @@ def main() -> int:
     [committed] = probe.committed([TopicPartition(HEARTBEAT.topic, 0)], timeout=10)
     probe.close()
     if committed_timestamp(committed) is None:
-        print("the sync group's heartbeat offset carries no time yet: run the apply once (knowton sync run --once)")
+        print(
+            "the ClickHouse sink group's heartbeat offset carries no time yet: run the ClickHouse sink once (knowton sink run --store clickhouse --once)"
+        )
         return 2
     scratch = f"knowton-bench-{uuid.uuid4().hex[:8]}"
     legacy = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": scratch})

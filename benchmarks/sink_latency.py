@@ -144,6 +144,7 @@ def backfill_loop(
         while not stop.is_set():
             with engine:
                 backfill_range(conn, USER, None, None, ClickHouseWriter(ch), on_progress=lambda _s: turns())
+            stop.wait(1.0)  # the pool's queue: a run waiting for the engine gets it before the next backfill
     indexing.join()
 
 

@@ -315,8 +315,9 @@ def sink_run(
                 on_progress=lambda stats: click.echo(stats.summary()),
             ).run(until_caught_up=True, stop=stop)
         finally:
-            for client in clients.values():
-                client.close()
+            for store, client in clients.items():
+                if not (store == "clickhouse" and settings.clickhouse_dsn.startswith("chdb://")):
+                    client.close()
         click.echo(f"caught up: {stats.summary()}")
         return 0
     if len(stores) > 1 and status_file is not None:

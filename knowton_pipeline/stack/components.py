@@ -536,6 +536,7 @@ class SearchSink(Component):
     def environment(self, java: Path | None) -> dict[str, str]:
         env = super().environment(java)
         env.update(self.settings.export_env(include_secrets=True))
+        env.pop("KNOWTON_CDC_PASSWORD", None)  # Debezium's, not the sink's
         env["PYTHONUNBUFFERED"] = "1"  # its log is read while it runs
         return env
 

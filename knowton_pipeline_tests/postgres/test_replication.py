@@ -258,3 +258,11 @@ def test_a_caught_up_sink_records_its_stores_assets_as_up_to_date_once_a_minute(
             dg.build_sensor_context(instance=instance, resources=resources, cursor=tick.cursor)  # type: ignore[union-attr]
         )
         assert not [e for e in again.asset_events if isinstance(e, dg.AssetMaterialization)]  # type: ignore[union-attr]
+    # A sink behind its limit brings nothing up to date: with any lag at all an ERROR, nothing is recorded.
+    strict = {
+        **build_resources(),
+        "replication_thresholds": ReplicationThresholds(lag_warn_seconds=0.0, lag_error_seconds=0.0),
+    }
+    with dg.instance_for_test() as instance:
+        late = replication_lag_sensor(dg.build_sensor_context(instance=instance, resources=strict))
+        assert not [e for e in late.asset_events if isinstance(e, dg.AssetMaterialization)]  # type: ignore[union-attr]

@@ -102,3 +102,13 @@ CREATE TABLE IF NOT EXISTS ops.incidents (
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open ON ops.incidents (subject) WHERE closed_at IS NULL;
+
+-- Every TRUNCATE the sinks have seen, at its version. With several partitions per topic a change committed before
+-- a truncate can reach a sink after it (the truncate has no key, so it lands in any partition); a change of the
+-- table versioned below its newest truncate is written as a tombstone, never as a live row.
+CREATE TABLE IF NOT EXISTS ops.truncates (
+    table_name text        NOT NULL,
+    version    bigint      NOT NULL,
+    noted_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, version)
+);

@@ -50,7 +50,8 @@ def mirror_asset(t: SyncedTable) -> dg.AssetsDefinition:
             turns = None
             if clickhouse_store.is_embedded:
                 sink = CdcSink(
-                    ApplyConfig(bootstrap=kafka.bootstrap_servers),
+                    # A turn that meets an outage gives up soon: the backfill goes on, the changes wait in Kafka.
+                    ApplyConfig(bootstrap=kafka.bootstrap_servers, max_retry_seconds=10.0),
                     store=CLICKHOUSE.name,
                     client=client,
                     pg_conninfo=postgres.conninfo(),

@@ -9,6 +9,7 @@ own group, offsets, retries and DLQ, so an outage of one never holds the other b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -128,10 +129,12 @@ def retry_transient(
     maximum: float = 15.0,
     on_retry: Callable[[BaseException], None] | None = None,
     what: str = "batch",
+    stop: threading.Event | None = None,
 ) -> None:
     """Run `action` until it succeeds, backing off exponentially while a store is unavailable.
 
-    Past the budget, StoreUnavailableError: the caller has committed nothing, so nothing is lost.
+    Past the budget, or when `stop` is set while waiting, StoreUnavailableError: the caller has committed nothing,
+    so nothing is lost.
     """
     started = time.monotonic()
     delay = initial
@@ -148,7 +151,12 @@ def retry_transient(
             if on_retry:
                 on_retry(exc)
             log.warning("%s not applied (%s); retrying in %.1f s", what, exc, delay)
-            time.sleep(delay)
+            if stop is not None and stop.wait(delay):
+                raise StoreUnavailableError(
+                    f"stopped while retrying, nothing committed or dead-lettered: {exc}"
+                ) from exc
+            if stop is None:
+                time.sleep(delay)
             delay = min(delay * 2, maximum)
 
 
@@ -166,9 +174,14 @@ class CdcSink:
         on_progress: Callable[[ApplyStats], None] | None = None,
         tick_seconds: float | None = None,
         writer: Writer | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
     ):
-        """`writer` replaces the store's own (a benchmark writes to throwaway tables)."""
+        """`writer` replaces the store's own (a benchmark writes to throwaway tables); `on_retry` hears of each
+        failed attempt while a store is out (a service reports it)."""
         self.config = config
+        self.on_retry = on_retry
+        self._stop: threading.Event | None = None
+        self._subscribed = False
         self.tick_seconds = tick_seconds  # a long-running sink reports progress at least this often, even idle
         self.store: TargetStore = TARGETS[store]
         self.client = client
@@ -191,7 +204,9 @@ class CdcSink:
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "max.poll.interval.ms": 1_800_000,  # a batch may wait out a store outage
+                # A member stuck longer than this in a store outage leaves the group (its commit is then refused and
+                # it joins again), so it never holds the others' rebalance for longer.
+                "max.poll.interval.ms": 300_000,
                 "session.timeout.ms": 10_000,  # a sink that died hands its partitions over within seconds
                 "heartbeat.interval.ms": 2_000,
                 "fetch.wait.max.ms": 100,  # a change is fetched within a tenth of a second of its arrival
@@ -210,13 +225,16 @@ class CdcSink:
     ) -> ApplyStats:
         stats = ApplyStats()
         t0 = time.monotonic()
+        self._stop = stop
+        self._subscribed = not until_caught_up
         retry_transient(
             self.check_source_position,
             budget_seconds=self.config.max_retry_seconds,
             initial=self.config.backoff_initial,
             maximum=self.config.backoff_max,
-            on_retry=lambda _exc: setattr(stats, "retries", stats.retries + 1),
+            on_retry=lambda exc: self._retrying(exc, stats),
             what="the check of the stores' newest versions",
+            stop=stop,
         )
         consumer = self._consumer()
         assigned = threading.Event()
@@ -305,11 +323,24 @@ class CdcSink:
         if fresh and self.group_id == sink_group(self.store.name):
             legacy = Consumer({"bootstrap.servers": self.config.bootstrap, "group.id": LEGACY_GROUP})
             try:
-                for tp in legacy.committed([TopicPartition(t.topic, t.partition) for t in fresh], timeout=10):
-                    if tp.offset >= 0:
-                        committed[(tp.topic, tp.partition)] = tp.offset
+                adopted = [
+                    tp
+                    for tp in legacy.committed([TopicPartition(t.topic, t.partition) for t in fresh], timeout=10)
+                    if tp.offset >= 0
+                ]
             finally:
                 legacy.close()
+            if adopted:
+                # Committed at once, so the lag checks count from there and the former group is read only once.
+                try:
+                    consumer.commit(
+                        offsets=[TopicPartition(t.topic, t.partition, t.offset) for t in adopted], asynchronous=False
+                    )
+                except KafkaException as exc:
+                    log.warning(
+                        "%s: could not commit the positions taken from %s: %s", self.group_id, LEGACY_GROUP, exc
+                    )
+                committed.update({(tp.topic, tp.partition): tp.offset for tp in adopted})
         self._positions.update({k: o for k, o in committed.items() if o >= 0})
         starts = [(tp.topic, tp.partition, committed.get((tp.topic, tp.partition), -1)) for tp in parts]
         return [TopicPartition(t, p, o if o >= 0 else OFFSET_BEGINNING) for t, p, o in starts]
@@ -328,6 +359,11 @@ class CdcSink:
             except KafkaException as exc:
                 if exc.args[0].code() not in NOT_A_MEMBER:
                     raise
+                if self._subscribed and exc.args[0].code() == KafkaError.REBALANCE_IN_PROGRESS:
+                    # The group is moving partitions: this batch is written (idempotent) and will be delivered
+                    # again to whoever owns it next; the next poll takes part in the rebalance.
+                    log.info("%s: commit skipped during a rebalance", self.group_id)
+                    return
                 # Retrying cannot help: the batch is written (idempotent) and whoever owns the partitions now
                 # applies it again.
                 raise GroupMembershipError(
@@ -337,19 +373,22 @@ class CdcSink:
                 ) from exc
             stats.batches += 1
 
-        def on_retry(exc: BaseException) -> None:
-            stats.retries += 1
-            if self._pg is not None and isinstance(exc, psycopg.OperationalError):
-                self._pg.close()
-
         retry_transient(
             attempt,
             budget_seconds=self.config.max_retry_seconds,
             initial=self.config.backoff_initial,
             maximum=self.config.backoff_max,
-            on_retry=on_retry,
+            on_retry=lambda exc: self._retrying(exc, stats),
             what=f"batch of {len(msgs)} records",
+            stop=self._stop,
         )
+
+    def _retrying(self, exc: BaseException, stats: ApplyStats) -> None:
+        stats.retries += 1
+        if self._pg is not None and isinstance(exc, psycopg.OperationalError):
+            self._pg.close()
+        if self.on_retry:
+            self.on_retry(exc)
 
     # --- one batch -------------------------------------------------------------------------
     def apply_batch(self, msgs: Sequence[Message], stats: ApplyStats) -> None:
@@ -370,7 +409,9 @@ class CdcSink:
             check_not_below_horizon(event.version, self._horizon, f"a change of {event.table.name} in {msg.topic()}")
             events.append((event, msg))
 
-        outcome = self.writer.write(target_items(self.store, events, self._pg_conn))
+        truncated = truncate_horizons(self._pg_conn(), [e for e, _ in events if e.is_truncate])
+        items = [below_truncate(item, truncated) for item in target_items(self.store, events, self._pg_conn)]
+        outcome = self.writer.write(items)
         letters += _letters(self.store.name, outcome)
         # A truncate turns what the store holds of the table below its version into tombstones, after the
         # batch's other writes: changes after the truncate carry higher versions and stay.
@@ -387,6 +428,26 @@ class CdcSink:
             stats.dead_lettered[letter.target] += 1
         for e, _ in events:
             stats.per_table[e.table.name] += 1
+
+
+def truncate_horizons(conn: psycopg.Connection, truncates: Sequence[ChangeEvent]) -> dict[str, int]:
+    """Record the batch's truncates (before anything is written for them), then return the newest truncate version
+    of every table: what a change below it must not bring back."""
+    for e in truncates:
+        conn.execute(
+            "INSERT INTO ops.truncates (table_name, version) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (e.table.name, e.version),
+        )
+    rows = conn.execute("SELECT table_name, max(version) FROM ops.truncates GROUP BY table_name").fetchall()
+    conn.commit()
+    return {name: int(version) for name, version in rows}
+
+
+def below_truncate(item: WriteItem, truncated: Mapping[str, int]) -> WriteItem:
+    """A live row versioned below its table's newest truncate was emptied by it: a tombstone at its own version."""
+    if not item.deleted and item.version < truncated.get(item.table.name, 0):
+        return dataclasses.replace(item, deleted=True)
+    return item
 
 
 class SideBySide:
@@ -411,22 +472,30 @@ class SideBySide:
             ]
         )
 
-    def run(self, **run_args: Any) -> ApplyStats:
-        """Run every sink to the end (see `CdcSink.run`); the first error any raised is raised after all stop."""
+    def run(self, *, stop: threading.Event | None = None, **run_args: Any) -> ApplyStats:
+        """Run every sink to the end (see `CdcSink.run`); the first error any raised is raised after all stop. When
+        the caller is interrupted (a run stopped from Dagster), the sinks are stopped before it returns."""
         results: dict[int, ApplyStats] = {}
         errors: list[BaseException] = []
+        halt = stop or threading.Event()
 
         def one(i: int, sink: CdcSink) -> None:
             try:
-                results[i] = sink.run(**run_args)
+                results[i] = sink.run(stop=halt, **run_args)
             except BaseException as exc:  # re-raised below, once every sink has stopped
                 errors.append(exc)
 
         threads = [threading.Thread(target=one, args=(i, s), name=s.group_id) for i, s in enumerate(self.sinks)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        finally:
+            if any(t.is_alive() for t in threads):
+                halt.set()
+                for t in threads:
+                    t.join()
         if errors:
             raise errors[0]
         return ApplyStats.combined([results[i] for i in sorted(results)])
@@ -441,14 +510,22 @@ class SinkTurns:
         self.sink, self.every, self.budget = sink, every, budget
         self.last = time.monotonic()
         self.turns = 0
+        self.failed = 0
         self.events = 0
 
     def __call__(self, *_: object) -> None:
         if time.monotonic() - self.last < self.every:
             return
-        stats = self.sink.run(until_caught_up=True, max_seconds=self.budget)
-        self.turns += 1
-        self.events += stats.events
+        try:
+            stats = self.sink.run(until_caught_up=True, max_seconds=self.budget)
+        except Exception as exc:  # a missed turn loses nothing: the changes wait in Kafka for the next one
+            log.warning(
+                "the %s sink's turn failed (%s: %s); the job goes on", self.sink.store.name, type(exc).__name__, exc
+            )
+            self.failed += 1
+        else:
+            self.turns += 1
+            self.events += stats.events
         self.last = time.monotonic()
 
 

@@ -13,7 +13,8 @@ RESTORE_PROCEDURE = (
     "The stores hold versions from a source whose WAL went further than this one: PostgreSQL was restored or "
     "replaced (its LSNs start lower), so every change would be refused as stale. Stop the sinks, rebuild the "
     "stores from this source (drop and re-create the ClickHouse mirrors with `knowton schema apply` and backfill "
-    "them, run `rebuild_search_index` for each index), reset the consumer group `knowton-sync` to the topics' "
+    "them, run `rebuild_search_index` for each index), reset the sinks' consumer groups (`knowton-sink-clickhouse`, "
+    "`knowton-sink-elasticsearch`) to the topics' "
     "end and re-create the Debezium slot and connector (see docs/architecture.md, 'A source that moved "
     "backwards')."
 )

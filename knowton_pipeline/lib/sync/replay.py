@@ -27,7 +27,7 @@ from knowton_pipeline.lib.stores import TARGETS
 from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
 from knowton_pipeline.lib.sync import dlq
-from knowton_pipeline.lib.sync.apply import retry_transient, target_items
+from knowton_pipeline.lib.sync.apply import below_truncate, retry_transient, target_items, truncate_horizons
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ class DlqReplayer:
             events.append((event, letter))
         if not events:
             return failures
-        items = target_items(TARGETS[target], events, self._pg_conn)
+        # A letter from before a truncate must not bring the emptied table's row back.
+        truncated = truncate_horizons(self._pg_conn(), [])
+        items = [below_truncate(i, truncated) for i in target_items(TARGETS[target], events, self._pg_conn)]
         result = self.writers[target].write(items)
         for item, exc in result.poison:
             for letter in item.sources:

@@ -111,6 +111,12 @@ def serve(
         if status_path is not None:
             status.save(status_path)
 
+    def retrying(exc: BaseException) -> None:
+        # A store outage waited out inside a batch: the sink is alive and says what it waits for.
+        status.state, status.last_error = "retrying", f"{type(exc).__name__}: {exc}"
+        if status_path is not None:
+            status.save(status_path)
+
     if status_path is not None:
         status.save(status_path)
     backoff = 1.0
@@ -127,6 +133,7 @@ def serve(
                 tick_seconds=TICK_SECONDS,
             )
             sink.on_progress = functools.partial(report, sink=sink)
+            sink.on_retry = retrying
             echo(f"sink {store}: consuming in group {sink.group_id}")
             stats = sink.run(until_caught_up=False, stop=stop)
             total = ApplyStats.combined([total, stats])
@@ -144,7 +151,8 @@ def serve(
             stop.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         finally:
-            if client is not None and hasattr(client, "close"):
+            # The embedded engine's client is one per process and stays open for the next attempt.
+            if client is not None and not (store == "clickhouse" and settings.clickhouse_dsn.startswith("chdb://")):
                 client.close()
     status.state = "stopped"
     if status_path is not None:
