@@ -10,7 +10,7 @@ every 30 s). Its ClickHouse figures leave out what Dagster adds to each run (lau
 search figures are the real service.
 
 Three phases, each writing new `User` rows and timing each one from its commit until a search finds it (polled
-every 0.2 s, no refresh forced) and until ClickHouse returns it (checked right after each ClickHouse run):
+every 0.2 s, no refresh forced) and until ClickHouse returns it (checked right after each batch the sink writes):
   idle       one row every 3 s (`--idle` rows);
   sustained  `--rate` rows/s for `--seconds`;
   backfill   the same rate while the users mirror and index are backfilled in full, over and over.
@@ -116,6 +116,8 @@ class ClickHouseSink:
             store="clickhouse",
             client=ch,
             pg_conninfo=settings.pg_conninfo(),
+            # A row is visible once the batch that wrote it is inserted: checked after each batch, in this thread.
+            on_progress=lambda _stats: check_clickhouse(ch, tracker),
         )
 
     def run_once(self) -> None:

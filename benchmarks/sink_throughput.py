@@ -4,7 +4,8 @@ the same rows, measured in the same run.
     eval "$(.venv/bin/knowton env)" && .venv/bin/python benchmarks/sink_throughput.py [--events 200000] [--repeat 3]
 
 Needs the stack up, the schema and the connector (`knowton schema apply`, `knowton connectors deploy`) and demo
-users (`knowton seed`). It commits `--events` updates of existing users in PostgreSQL, which Debezium streams
+users (`knowton seed`), with the search sink stopped (`knowton stack down sink-elasticsearch`) and no Dagster
+running, so that nothing else consumes the backlog or uses the CPU while it is measured. It commits `--events` updates of existing users in PostgreSQL, which Debezium streams
 into `cdc-User`: the backlog. Then, for each store and repeat:
   sink  a throwaway consumer group, placed at the backlog's start, runs the store's sink (`CdcSink`) until it is
         caught up: decode, transform, versioned writes in batches of 2,000, commits;

@@ -80,7 +80,7 @@ def pass_settings(command: Callable[..., int]) -> Callable[..., int]:
 def _print_status(statuses: Sequence[Any]) -> None:
     for s in statuses:
         pid = f"pid {s.pid}" if s.pid else ""
-        click.echo(f"{s.name:<14} {s.state:<10} {s.address:<52} {pid:<11} {s.detail}")
+        click.echo(f"{s.name:<18} {s.state:<10} {s.address:<52} {pid:<11} {s.detail}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

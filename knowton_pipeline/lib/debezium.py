@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import orjson
+
 from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.transform import decimal_text, exact_decimal, format_timestamp
@@ -156,6 +158,18 @@ def _numeric_decoder(scale: int) -> Callable[[Any], Any]:
 def _decode_timestamptz(value: Any) -> datetime:
     if type(value) is not str:
         raise _Refused(f"expected an ISO-8601 timestamp string, got {_json_type(value)}")
+    if (
+        len(value) == 27
+        and value.isascii()
+        and value[4] + value[7] + value[10] + value[13] + value[16] + value[19] + value[26] == "--T::.Z"
+        and (value[:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19] + value[20:26]).isdigit()
+    ):
+        # Debezium's usual form, "2025-03-01T12:00:00.123456Z": the standard parser, many times faster. A string
+        # of this shape it refuses takes the full path below, which says why.
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
     match = _TIMESTAMP.fullmatch(value)
     if match is None:
         raise _Refused("expected an ISO-8601 timestamp string with a zone, got a string that does not parse")
@@ -372,7 +386,8 @@ def table_for_topic(topic: str) -> SyncedTable:
 
 def _load_json(data: bytes, what: str) -> Any:
     try:
-        return json.loads(data)
+        # orjson: the same documents as `json.loads` here, without NaN/Infinity, in a fraction of the time.
+        return orjson.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # JSONDecodeError's own message carries only a position, never the document.
         where = f" ({exc.msg} at position {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""

@@ -45,9 +45,9 @@ restore into a new cluster LSNs start lower, and every write is refused as stale
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 import psycopg
 
 # The row the anchor writes: Debezium's own heartbeat row, so the anchor looks like one more heartbeat.
@@ -61,7 +61,7 @@ def _sequence(sequence: Any) -> tuple[int | None, int | None]:
     if not isinstance(sequence, str):
         return None, None
     try:
-        parsed = json.loads(sequence)
+        parsed = orjson.loads(sequence)
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(parsed, list) or len(parsed) != 2:

@@ -18,6 +18,8 @@ from knowton_pipeline.catalog import CDC_TABLES, Column, SyncedTable, UnknownTab
 from knowton_pipeline.lib.debezium import (
     ChangeEvent,
     MalformedEventError,
+    _decode_timestamptz,
+    _Refused,
     decode_event,
     decode_row,
     encode_row_like_debezium,
@@ -638,3 +640,26 @@ def test_change_event_refuses_an_op_without_its_row_image() -> None:
         ChangeEvent(table=table("heartbeat"), op="d", key=(), before=None, after=None, lsn=1, ts_ms=0)
     with pytest.raises(ValueError):
         ChangeEvent(table=table("heartbeat"), op="x", key=(1,), before=None, after={"id": 1}, lsn=1, ts_ms=0)
+
+
+@given(st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)))
+def test_the_fast_timestamp_path_reads_debeziums_usual_form_as_the_full_parser_does(moment: datetime) -> None:
+    usual = moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # what Debezium sends: the fast path
+    with_offset = moment.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")  # the same instant: the full parser
+    assert len(usual) == 27
+    assert _decode_timestamptz(usual) == _decode_timestamptz(with_offset) == moment
+    assert _decode_timestamptz(usual).tzinfo == UTC
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2025-03-01T12:00:00,123456Z",
+        "2025-13-01T12:00:00.123456Z",
+        "2025-03-01 12:00:00.123456Z",
+        "2025-03-01T12:00:60.123456Z",
+    ],
+)
+def test_a_timestamp_of_the_usual_length_but_not_its_form_is_refused(text: str) -> None:
+    with pytest.raises(_Refused):
+        _decode_timestamptz(text)

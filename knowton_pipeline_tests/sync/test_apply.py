@@ -236,3 +236,41 @@ def test_crash_between_write_and_commit_reapplies_without_harm(
         "SELECT count() FROM knowton.users FINAL WHERE address = {a:String}", parameters={"a": address}
     ).result_rows[0][0]
     assert count == 1
+
+
+def test_a_run_that_stops_when_caught_up_ends_under_a_steady_write_load(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+) -> None:
+    # `apply_cdc` holds the embedded engine while it runs: it must end even while changes keep coming.
+    first = insert_user(pg, reputation=21)
+    wait_for_cdc(settings)
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            while not stop.is_set():
+                insert_user(conn)
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(3)
+        sink = CdcSink(
+            ApplyConfig(bootstrap=settings.kafka_bootstrap),
+            store="clickhouse",
+            client=ch,
+            pg_conninfo=settings.pg_conninfo(),
+        )
+        stats = sink.run(until_caught_up=True, max_seconds=240)
+        assert writer.is_alive(), "the writes went on while the run ended"
+        assert stats.seconds < 240, "ended by reaching where the topics were when it started, not by its time limit"
+        assert ch_row(ch, "users", "address = {a:String}", {"a": first})["reputation"] == 21  # type: ignore[index]
+    finally:
+        stop.set()
+        writer.join()
+    apply()

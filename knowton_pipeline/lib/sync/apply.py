@@ -238,11 +238,17 @@ class CdcSink:
         )
         consumer = self._consumer()
         assigned = threading.Event()
+        targets: dict[tuple[str, int], int] = {}
         if until_caught_up:
             # A run that stops when caught up takes its partitions directly from the group's committed
             # offsets: no rebalance to wait for. A long-running sink joins the group instead, and shares the
             # partitions with the group's other members.
-            consumer.assign(self._starting_positions(consumer, self._partitions(consumer)))
+            starts = self._starting_positions(consumer, self._partitions(consumer))
+            consumer.assign(starts)
+            # Caught up means: past every record that was there when the run started. Changes that keep arriving
+            # are the next run's, so a run under a steady write load still ends and yields what it holds (the
+            # embedded ClickHouse engine, a pool slot).
+            targets = self._ends_at_start(consumer, starts)
             assigned.set()
         else:
 
@@ -273,6 +279,8 @@ class CdcSink:
                     if self.on_progress:
                         self.on_progress(stats)
                     reported = time.monotonic()
+                    if until_caught_up and all(self._positions.get(k, -1) >= end for k, end in targets.items()):
+                        break
                 elif until_caught_up and assigned.is_set():
                     stats.lag = consumer_lag(consumer, self._positions)
                     if stats.lag == 0:
@@ -306,6 +314,16 @@ class CdcSink:
             # A store that cannot answer is an outage to wait out, like a write it refuses.
             raise TransientStoreError(f"reading the newest versions failed: {type(exc).__name__}: {exc}") from exc
         check_source_not_behind(source, newest)
+
+    def _ends_at_start(self, consumer: Consumer, starts: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """The end of each partition that holds records past where this run starts."""
+        targets = {}
+        for tp in starts:
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            start = tp.offset if tp.offset >= 0 else low
+            if high > start:
+                targets[(tp.topic, tp.partition)] = high
+        return targets
 
     def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
         meta = consumer.list_topics(timeout=10).topics
