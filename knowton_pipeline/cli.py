@@ -302,7 +302,9 @@ def sink_run(
     if supervise:
         if len(stores) != 1 or once or status_file is None:
             raise click.UsageError("--supervise runs one continuous sink: give one --store and a --status-file")
-        return service.supervise(service.service_argv(stores[0], status_file, batch_size), stop, echo=click.echo)
+        return service.supervise(
+            service.service_argv(stores[0], status_file, "--batch-size", str(batch_size)), stop, echo=click.echo
+        )
     if once:
         from knowton_pipeline.lib.sync.apply import ApplyConfig, SideBySide
 

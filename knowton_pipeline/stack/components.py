@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,18 +519,9 @@ class SearchSink(Component):
         self.status_path.unlink(missing_ok=True)  # health is judged on what this start reports
 
     def command(self, java: Path | None) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "knowton_pipeline.cli",
-            "sink",
-            "run",
-            "--store",
-            self.store,
-            "--supervise",
-            "--status-file",
-            str(self.status_path),
-        ]
+        from knowton_pipeline.lib.sync.service import service_argv
+
+        return service_argv(self.store, self.status_path, "--supervise")
 
     def environment(self, java: Path | None) -> dict[str, str]:
         env = super().environment(java)

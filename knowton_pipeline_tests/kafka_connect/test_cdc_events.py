@@ -21,8 +21,10 @@ def _consumer_at_end(settings: Settings, topic: str) -> Consumer:
             "enable.auto.commit": False,
         }
     )
-    consumer.assign([TopicPartition(topic, 0, OFFSET_END)])
-    # Resolve the end offset now, before the changes are made.
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    # Every partition: a row's changes land in the one its key hashes to.
+    consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+    # Resolve the end offsets now, before the changes are made.
     consumer.poll(1.0)
     return consumer
 

@@ -85,7 +85,10 @@ def start_sink(settings: Settings, status_path: Path, log: Path) -> subprocess.P
     env.update(settings.export_env(include_secrets=True))
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [*service_argv("elasticsearch", status_path, batch_size=50)], env=env, stdout=out, stderr=subprocess.STDOUT
+            service_argv("elasticsearch", status_path, "--batch-size", "50"),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 

@@ -191,18 +191,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def service_argv(store: str, status_path: Path, batch_size: int) -> list[str]:
-    """The command line of one sink service, as the supervisor starts it."""
-    return [
-        sys.executable,
-        "-m",
-        "knowton_pipeline.cli",
-        "sink",
-        "run",
-        "--store",
-        store,
-        "--status-file",
-        str(status_path),
-        "--batch-size",
-        str(batch_size),
-    ]
+def service_argv(store: str, status_path: Path, *options: str) -> list[str]:
+    """The command line of one sink service with its status file; `options` as `knowton sink run` takes them."""
+    cli = [sys.executable, "-m", "knowton_pipeline.cli", "sink", "run"]
+    return [*cli, "--store", store, "--status-file", str(status_path), *options]
