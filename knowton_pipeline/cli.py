@@ -306,20 +306,17 @@ def sink_run(
             service.service_argv(stores[0], status_file, "--batch-size", str(batch_size)), stop, echo=click.echo
         )
     if once:
+        from knowton_pipeline.lib.stores import TARGETS
         from knowton_pipeline.lib.sync.apply import ApplyConfig, SideBySide
 
-        clients = {store: service.open_client(store, settings) for store in stores}
-        try:
+        with ExitStack() as opened:
+            clients = {store: opened.enter_context(TARGETS[store].connect(settings)) for store in stores}
             stats = SideBySide.of(
                 ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=batch_size),
                 clients,
                 settings.pg_conninfo(),
                 on_progress=lambda stats: click.echo(stats.summary()),
             ).run(until_caught_up=True, stop=stop)
-        finally:
-            for store, client in clients.items():
-                if not (store == "clickhouse" and settings.clickhouse_dsn.startswith("chdb://")):
-                    client.close()
         click.echo(f"caught up: {stats.summary()}")
         return 0
     if len(stores) > 1 and status_file is not None:

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.stores import TARGETS
 from knowton_pipeline.lib.sync.apply import ApplyConfig, ApplyStats, CdcSink, sink_group
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,6 @@ class SinkStatus:
         return f"{self.state}: {len(self.partitions)} partition(s), lag {self.lag}, {self.events} events applied"
 
 
-def open_client(store: str, settings: Settings) -> Any:
-    """The client of one store, and nothing else: the search sink never opens ClickHouse."""
-    if store == "elasticsearch":
-        from elasticsearch import Elasticsearch
-
-        return Elasticsearch(settings.es_url, request_timeout=60)
-    if store == "clickhouse":
-        from knowton_pipeline.lib import clickhouse
-
-        return clickhouse.get_client(settings.clickhouse_dsn)
-    raise ValueError(f"no sink for store {store!r}")
-
-
 def serve(
     store: str,
     settings: Settings,
@@ -122,20 +109,20 @@ def serve(
     backoff = 1.0
     config = ApplyConfig(bootstrap=settings.kafka_bootstrap, batch_size=batch_size)
     while not stop.is_set():
-        client = None
         try:
-            client = open_client(store, settings)
-            sink = CdcSink(
-                config,
-                store=store,
-                client=client,
-                pg_conninfo=settings.pg_conninfo(),
-                tick_seconds=TICK_SECONDS,
-            )
-            sink.on_progress = functools.partial(report, sink=sink)
-            sink.on_retry = retrying
-            echo(f"sink {store}: consuming in group {sink.group_id}")
-            stats = sink.run(until_caught_up=False, stop=stop)
+            # The store's client and nothing else: the search sink never opens ClickHouse.
+            with TARGETS[store].connect(settings) as client:
+                sink = CdcSink(
+                    config,
+                    store=store,
+                    client=client,
+                    pg_conninfo=settings.pg_conninfo(),
+                    tick_seconds=TICK_SECONDS,
+                )
+                sink.on_progress = functools.partial(report, sink=sink)
+                sink.on_retry = retrying
+                echo(f"sink {store}: consuming in group {sink.group_id}")
+                stats = sink.run(until_caught_up=False, stop=stop)
             total = ApplyStats.combined([total, stats])
             backoff = 1.0
         except Exception as exc:  # a sink outlives every failure; the status and the log say which
@@ -150,10 +137,6 @@ def serve(
             log.debug("sink failure", exc_info=True)
             stop.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-        finally:
-            # The embedded engine's client is one per process and stays open for the next attempt.
-            if client is not None and not (store == "clickhouse" and settings.clickhouse_dsn.startswith("chdb://")):
-                client.close()
     status.state = "stopped"
     if status_path is not None:
         status.save(status_path)
