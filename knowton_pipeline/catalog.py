@@ -5,6 +5,7 @@ Asset specs, topics, DDL checks and (later) transforms and reconciliation are de
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ DLQ_TOPICS = ("dlq-clickhouse-failed", "dlq-elasticsearch-failed", "dlq-parked")
 COLUMN_TYPES = ("text", "int", "bigint", "bool", "numeric", "timestamptz", "text[]", "jsonb")
 
 
+@functools.cache
 def snake(name: str) -> str:
-    """PostgreSQL's camelCase column name as ClickHouse and Elasticsearch spell it."""
+    """PostgreSQL's camelCase column name as ClickHouse and Elasticsearch spell it (cached: the sinks ask for every
+    field of every event)."""
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 

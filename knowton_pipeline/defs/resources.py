@@ -13,6 +13,8 @@ from elasticsearch import Elasticsearch
 from knowton_pipeline.lib import clickhouse
 from knowton_pipeline.lib.health.alerts import AlertChannel, channels_from_settings
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
+from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcSink, SinkTurns
 
 # Runs whose ops carry this pool never overlap (dagster.yaml: pools at run granularity, limit 1),
 # because the embedded ClickHouse folder can be open in one process at a time.
@@ -67,6 +69,23 @@ class ClickHouseResource(dg.ConfigurableResource):
     @property
     def is_embedded(self) -> bool:
         return self.dsn.startswith("chdb://")
+
+    def sink_turns(
+        self, client: ClickHouseClient, kafka: KafkaResource, postgres: PostgresResource, *, every: float
+    ) -> SinkTurns | None:
+        """For a long run that holds the embedded engine (a backfill, a reconciliation, a repair): the ClickHouse
+        sink, which cannot run beside it, takes a turn on `client` at most every `every` seconds when the run calls
+        it between its steps. None with a ClickHouse server: its sink runs on its own."""
+        if not self.is_embedded:
+            return None
+        sink = CdcSink(
+            # A turn that meets an outage gives up soon: the run goes on, the changes wait in Kafka.
+            ApplyConfig(bootstrap=kafka.bootstrap_servers, max_retry_seconds=10.0),
+            store=CLICKHOUSE.name,
+            client=client,
+            pg_conninfo=postgres.conninfo(),
+        )
+        return SinkTurns(sink, every=every)
 
     @contextmanager
     def get_client(self) -> Iterator[ClickHouseClient]:

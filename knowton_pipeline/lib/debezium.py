@@ -328,21 +328,30 @@ def decode_row(table: SyncedTable, raw: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def decode_partial_row(table: SyncedTable, raw: Any) -> dict[str, Any]:
+def decode_partial_row(
+    table: SyncedTable, raw: Any, *, new: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     """The columns of an old row image (`before`) that decode, keyed by PostgreSQL column name.
 
     A value the decoder refuses, a NULL Debezium puts in a NOT NULL column of a key-only image
     (`REPLICA IDENTITY DEFAULT`), or a missing column is left out instead of refusing the event: the old
-    image only informs, the stores never hold it.
+    image only informs, the stores never hold it. `new` is the new image, raw and decoded: a column whose raw
+    value did not change takes the decoded new value (immutable values only) instead of being decoded again.
     """
     if not isinstance(raw, Mapping):
         return {}
     codecs, _ = _codecs(table)
     row: dict[str, Any] = {}
+    raw_new, decoded_new = new if new is not None else ({}, {})
     for codec in codecs:
         value = raw.get(codec.name, _MISSING)
         if value is _MISSING or (value is None and not (codec.nullable or codec.json_null)):
             continue
+        if value is not None and type(value) in (str, int) and raw_new.get(codec.name, _MISSING) == value:
+            same = decoded_new.get(codec.name, _MISSING)
+            if same is not _MISSING and not isinstance(same, list | dict):
+                row[codec.name] = same
+                continue
         try:
             row[codec.name] = _decode_value(table, codec, value)
         except MalformedEventError:
@@ -490,7 +499,7 @@ def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEv
         if raw_after is None:
             raise MalformedEventError(f"{topic}: op {op!r} needs after, got null")
         after = decode_row(table, raw_after)
-        before = None if raw_before is None else decode_partial_row(table, raw_before)
+        before = None if raw_before is None else decode_partial_row(table, raw_before, new=(raw_after, after))
         row_key = tuple(after[name] for name in table.key)
 
     if key is not None and _decode_key(table, key) != row_key:

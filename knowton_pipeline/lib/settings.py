@@ -34,7 +34,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class _Spec:
     default: str | None
-    kind: str  # "port", "int", "str", "path", "secret", "secret-url", "heap"
+    kind: str  # "port", "int", "str", "path", "secret", "secret-url", "heap", "cron"
     help: str
 
 
@@ -72,6 +72,12 @@ SPECS: dict[str, _Spec] = {
         "3", "int", "partitions of each cdc-* data topic: how many processes of one store's sink can share the work"
     ),
     "KNOWTON_ALERT_THROTTLE_SECONDS": _Spec("900", "int", "at most one alert per check or connector in this window"),
+    "KNOWTON_RECONCILE_INCREMENTAL_CRON": _Spec(
+        "5 * * * *", "cron", "when reconcile_hourly runs (incremental, repairing); read when the definitions load"
+    ),
+    "KNOWTON_RECONCILE_FULL_CRON": _Spec(
+        "30 3 * * *", "cron", "when reconcile_daily runs (full, repairing); read when the definitions load"
+    ),
 }
 
 
@@ -90,9 +96,24 @@ def _check(name: str, raw: str) -> str:
     elif spec.kind == "heap":
         if not (value.isascii() and value[:-1].isdigit() and value[-1].lower() in "mg"):
             raise SettingsError(f"{name} must be a JVM heap size such as 512m or 1g, got {raw!r} ({spec.help})")
+    elif spec.kind == "cron":
+        if len(value.split()) != 5:
+            raise SettingsError(f"{name} must be a cron string of five fields such as '5 * * * *', got {raw!r}")
     elif not value:
         raise SettingsError(f"{name} must not be empty ({spec.help})")
     return value
+
+
+def setting(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """One setting, checked, or its default: for values read while definitions load, where a stray or bad
+    unrelated KNOWTON_* variable should not stop the whole code location."""
+    env = os.environ if environ is None else environ
+    default = SPECS[name].default
+    if name in env:
+        return _check(name, env[name])
+    if default is None:
+        raise SettingsError(f"{name} has no default and is not set ({SPECS[name].help})")
+    return default
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 from knowton_pipeline.definitions import defs
 from knowton_pipeline.defs.resources import build_resources
-from knowton_pipeline_tests.helpers import new_address
+from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline_tests.helpers import ch_row, insert_user, new_address, wait_for_cdc
 
 USERS_MIRROR = dg.AssetKey(["clickhouse", "knowton", "users"])
 
@@ -74,3 +75,24 @@ def test_reconcile_job_refuses_an_unknown_table_without_a_verdict() -> None:
         assert not result.success and _evaluations(result) == []
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert "unknown table 'Nope'" in str(failure.event_specific_data.error)
+
+
+def test_a_reconciliation_holding_the_embedded_engine_gives_the_clickhouse_sink_its_turns(
+    caught_up: None, settings: Settings, pg: psycopg.Connection, ch: ClickHouseClient
+) -> None:
+    # A change Debezium has published and no ClickHouse sink has applied yet: while the reconciliation holds the
+    # embedded engine, `apply_cdc` cannot run, so only a turn given by the reconciliation can bring it in.
+    address = insert_user(pg, reputation=41)
+    wait_for_cdc(settings)
+    assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is None
+    config = {"tables": ["User"], "targets": ["clickhouse"], "settle_seconds": 1.0, "sink_turn_seconds": 0.0}
+    with dg.instance_for_test() as instance:
+        result = _run("reconcile", config, instance)
+        assert result.success
+        [evaluation] = _evaluations(result)
+        # The row was missing when the reconciliation started; the sink's turn applied it before the re-check.
+        assert evaluation.passed, evaluation.description
+        logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+        assert any("the ClickHouse sink took its turn" in m for m in logs), logs
+    row = ch_row(ch, "users", "address = {a:String}", {"a": address})
+    assert row is not None and row["reputation"] == 41

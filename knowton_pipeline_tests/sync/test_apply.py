@@ -199,8 +199,8 @@ class CrashAfterWrite(RuntimeError):
 class CrashingSink(CdcSink):
     """Dies after the first batch is written and before its offsets are committed."""
 
-    def apply_batch(self, msgs, stats):  # type: ignore[no-untyped-def]
-        super().apply_batch(msgs, stats)
+    def finish_batch(self, batch, outcome, stats):  # type: ignore[no-untyped-def]
+        super().finish_batch(batch, outcome, stats)
         raise CrashAfterWrite("simulated crash between write and commit")
 
 

@@ -8,8 +8,7 @@ from knowton_pipeline.defs.backfill import run_backfill
 from knowton_pipeline.defs.kafka_connect.assets import cdc_topic_key
 from knowton_pipeline.defs.partitions import DAILY, SYNCED
 from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, KafkaResource, PostgresResource
-from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE, ClickHouseWriter
-from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcSink, SinkTurns
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 
 
 def mirror_key(t: SyncedTable) -> dg.AssetKey:
@@ -47,16 +46,7 @@ def mirror_asset(t: SyncedTable) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         with clickhouse_store.get_client() as client:
             # While the backfill holds the embedded engine, `apply_cdc` cannot run: its sink takes turns here.
-            turns = None
-            if clickhouse_store.is_embedded:
-                sink = CdcSink(
-                    # A turn that meets an outage gives up soon: the backfill goes on, the changes wait in Kafka.
-                    ApplyConfig(bootstrap=kafka.bootstrap_servers, max_retry_seconds=10.0),
-                    store=CLICKHOUSE.name,
-                    client=client,
-                    pg_conninfo=postgres.conninfo(),
-                )
-                turns = SinkTurns(sink, every=config.sink_turn_seconds)
+            turns = clickhouse_store.sink_turns(client, kafka, postgres, every=config.sink_turn_seconds)
             return run_backfill(context, postgres, t, ClickHouseWriter(client), between_chunks=turns)
 
     return _mirror

@@ -6,7 +6,7 @@ up to `error_above_keys` differing keys is a WARN, more is an ERROR; the keys go
 and the `repair` job re-syncs exactly them.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,13 @@ from pydantic import Field
 from knowton_pipeline.catalog import table
 from knowton_pipeline.defs.clickhouse.aggregates import aggregate_key
 from knowton_pipeline.defs.partitions import DAILY
-from knowton_pipeline.defs.resources import CLICKHOUSE_POOL, ClickHouseResource, ElasticsearchResource, PostgresResource
+from knowton_pipeline.defs.resources import (
+    CLICKHOUSE_POOL,
+    ClickHouseResource,
+    ElasticsearchResource,
+    KafkaResource,
+    PostgresResource,
+)
 from knowton_pipeline.defs.store_assets import store_asset_key
 from knowton_pipeline.lib.aggregates import AGGREGATES
 from knowton_pipeline.lib.reconcile.engine import Mode
@@ -29,8 +35,10 @@ from knowton_pipeline.lib.reconcile.flow import (
 )
 from knowton_pipeline.lib.reconcile.record import key_text
 from knowton_pipeline.lib.reconcile.run import is_aggregate, plan_pairs
+from knowton_pipeline.lib.settings import setting
 from knowton_pipeline.lib.stores.clickhouse import CLICKHOUSE
 from knowton_pipeline.lib.stores.elasticsearch import ELASTICSEARCH
+from knowton_pipeline.lib.sync.apply import SinkTurns
 
 CHECK_NAME = "matches_postgres"
 SAMPLE = 20
@@ -85,6 +93,9 @@ class ReconcileRunConfig(dg.Config):
     repair: bool = Field(False, description="re-sync the differing keys right after the check, then verify them")
     max_repair_keys: int = Field(1000, description="more differing keys than this are left for a backfill")
     repair_reason: str = Field("repair requested in the run config", description="recorded with every repaired key")
+    sink_turn_seconds: float = Field(
+        30.0, description="how often the ClickHouse sink applies CDC between the run's steps (embedded engine)"
+    )
 
     def request(self) -> ReconcileRequest:
         return ReconcileRequest(
@@ -97,6 +108,21 @@ class ReconcileRunConfig(dg.Config):
             max_repair_keys=self.max_repair_keys,
             repair_reason=self.repair_reason,
         )
+
+
+def _with_sink_turns(context: dg.OpExecutionContext, turns: SinkTurns | None) -> Callable[[str], None]:
+    """Progress that is logged and, while the run holds the embedded engine, gives the ClickHouse sink its turns:
+    changes keep reaching the mirrors during a long run, and differences that were only in flight settle."""
+
+    def progress(message: str) -> None:
+        context.log.info(message)
+        if turns is not None:
+            before = turns.events
+            turns()
+            if turns.events > before:
+                context.log.info(f"the ClickHouse sink took its turn: {turns.events - before} change(s) applied")
+
+    return progress
 
 
 def _aggregate_days(context: dg.AssetCheckExecutionContext, name: str, config: ReconcileRunConfig) -> list[date]:
@@ -176,6 +202,7 @@ def reconcile_stores(
     context: dg.AssetCheckExecutionContext,
     config: ReconcileRunConfig,
     postgres: PostgresResource,
+    kafka: KafkaResource,
     clickhouse_store: ClickHouseResource,
     elasticsearch: ElasticsearchResource,
 ) -> Iterator[dg.AssetCheckResult]:
@@ -200,7 +227,9 @@ def reconcile_stores(
             config.request(),
             aggregate_days=lambda name: _aggregate_days(context, name, config),
             dagster_run_id=context.run.run_id,
-            on_progress=context.log.info,
+            on_progress=_with_sink_turns(
+                context, clickhouse_store.sink_turns(ch, kafka, postgres, every=config.sink_turn_seconds)
+            ),
         )
         for (check_key, _), outcome in zip(selected, outcomes, strict=True):
             if outcome.result is None:
@@ -269,10 +298,20 @@ def _schedule(name: str, cron: str, mode: Mode, description: str) -> dg.Schedule
     )
 
 
+# The crons come from the settings when the definitions load (defaults: hourly at :05, daily at 03:30 UTC), so a
+# fault drill can run the same schedules on a cycle of minutes.
 reconcile_hourly = _schedule(
-    "reconcile_hourly", "5 * * * *", "incremental", "Rows changed in the last hour (plus a margin), every hour."
+    "reconcile_hourly",
+    setting("KNOWTON_RECONCILE_INCREMENTAL_CRON"),
+    "incremental",
+    "Rows changed in the last hour (plus a margin), every hour.",
 )
-reconcile_daily = _schedule("reconcile_daily", "30 3 * * *", "full", "Every row and every search document, daily.")
+reconcile_daily = _schedule(
+    "reconcile_daily",
+    setting("KNOWTON_RECONCILE_FULL_CRON"),
+    "full",
+    "Every row and every search document, daily.",
+)
 
 
 class RepairRunConfig(dg.Config):
@@ -289,6 +328,7 @@ def repair_differences(
     context: dg.OpExecutionContext,
     config: RepairRunConfig,
     postgres: PostgresResource,
+    kafka: KafkaResource,
     clickhouse_store: ClickHouseResource,
     elasticsearch: ElasticsearchResource,
 ) -> None:
@@ -307,7 +347,7 @@ def repair_differences(
             reconcile_id=config.reconcile_id or None,
             pairs=pairs,
             max_keys=config.max_keys,
-            on_progress=context.log.info,
+            on_progress=_with_sink_turns(context, clickhouse_store.sink_turns(ch, kafka, postgres, every=30.0)),
         ):
             if outcome.repair_refused:
                 raise dg.Failure(outcome.repair_refused)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,7 @@ from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
 from knowton_pipeline.lib.maintenance import check_not_below_horizon, purge_horizon
 from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome, Writer
+from knowton_pipeline.lib.stores.base import Prepared
 from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.positions import check_source_not_behind, source_position
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
@@ -195,6 +197,7 @@ class CdcSink:
         self._horizon = 0  # the tombstone purge horizon, read when a run starts and each minute after
         self._horizon_read = time.monotonic()
         self.assignment: list[tuple[str, int]] = []  # the partitions this sink holds now
+        self._inflight: _InFlight | None = None  # the batch being sent on the second thread
 
     # --- plumbing --------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
@@ -259,6 +262,10 @@ class CdcSink:
                 assigned.set()
 
             def on_revoke(c: Consumer, parts: list[TopicPartition]) -> None:
+                # The batch being sent is finished and committed while the partitions are still this member's.
+                if self._inflight is not None:
+                    inflight, self._inflight = self._inflight, None
+                    self._complete(c, inflight, stats)
                 for tp in parts:
                     self._positions.pop((tp.topic, tp.partition), None)
                 self.assignment = []
@@ -266,22 +273,31 @@ class CdcSink:
             self._partitions(consumer)  # a topic still missing (schema not applied): fail now, retried by the caller
             consumer.subscribe(list(self.config.topics), on_assign=on_assign, on_revoke=on_revoke)
         reported = time.monotonic()
+        # One batch is sent to the store on a second thread while the next one is consumed, decoded and
+        # transformed here (the store's I/O releases the GIL); it is finished, and committed, before the next is sent.
+        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.group_id}-send")
+        self._inflight = None
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
                     break
-                msgs = consumer.consume(num_messages=self.config.batch_size, timeout=0.5)
+                msgs = consumer.consume(num_messages=self.config.batch_size, timeout=0.1 if self._inflight else 0.5)
                 msgs = [m for m in msgs if not _is_eof_or_error(m)]
-                if msgs:
-                    self._apply_with_retry(consumer, msgs, stats)
+                batch = self._prepare_with_retry(msgs, stats) if msgs else None
+                if self._inflight is not None:
+                    inflight, self._inflight = self._inflight, None
+                    self._complete(consumer, inflight, stats)
                     stats.seconds = time.monotonic() - t0
                     stats.lag = consumer_lag(consumer, self._positions)
                     if self.on_progress:
                         self.on_progress(stats)
                     reported = time.monotonic()
                     if until_caught_up and all(self._positions.get(k, -1) >= end for k, end in targets.items()):
-                        break
-                elif until_caught_up and assigned.is_set():
+                        break  # a batch prepared past the ends is not sent: the next run has it
+                if batch is not None:
+                    self._inflight = _InFlight(batch, sender.submit(self.writer.send, batch.prepared))
+                    continue
+                if until_caught_up and assigned.is_set():
                     stats.lag = consumer_lag(consumer, self._positions)
                     if stats.lag == 0:
                         break
@@ -291,7 +307,15 @@ class CdcSink:
                     if self.on_progress:
                         self.on_progress(stats)
                     reported = time.monotonic()
+            if self._inflight is not None:  # stopped: what was sent is finished and committed, or redelivered
+                inflight, self._inflight = self._inflight, None
+                self._complete(consumer, inflight, stats)
         finally:
+            if self._inflight is not None:
+                self._inflight.sending.cancel()
+                wait([self._inflight.sending])  # nothing of this run writes after it returns
+                self._inflight = None
+            sender.shutdown(wait=True)
             stats.seconds = time.monotonic() - t0
             consumer.close()
             if self._pg is not None:
@@ -363,33 +387,61 @@ class CdcSink:
         starts = [(tp.topic, tp.partition, committed.get((tp.topic, tp.partition), -1)) for tp in parts]
         return [TopicPartition(t, p, o if o >= 0 else OFFSET_BEGINNING) for t, p, o in starts]
 
+    def _read_horizon(self) -> None:
+        if time.monotonic() - self._horizon_read > HORIZON_READ_SECONDS:
+            # A sink that runs for days sees the purges made while it runs.
+            conn = self._pg_conn()
+            self._horizon = purge_horizon(conn)
+            conn.rollback()
+            self._horizon_read = time.monotonic()
+
+    def _prepare_with_retry(self, msgs: list[Message], stats: ApplyStats) -> _Batch:
+        prepared: list[_Batch] = []
+
+        def attempt() -> None:
+            self._read_horizon()
+            prepared.append(self.prepare_batch(msgs))
+
+        retry_transient(
+            attempt,
+            budget_seconds=self.config.max_retry_seconds,
+            initial=self.config.backoff_initial,
+            maximum=self.config.backoff_max,
+            on_retry=lambda exc: self._retrying(exc, stats),
+            what=f"batch of {len(msgs)} records",
+            stop=self._stop,
+        )
+        return prepared[-1]
+
+    def _complete(self, consumer: Consumer, inflight: _InFlight, stats: ApplyStats) -> None:
+        """Finish a batch sent on the second thread and commit it; a failed send is applied again here, whole and
+        with the usual retries (writes are idempotent)."""
+        try:
+            outcome = inflight.sending.result()
+        except TRANSIENT_ERRORS as exc:
+            self._retrying(exc, stats)
+            log.warning("batch of %d records not applied (%s); retrying", len(inflight.batch.msgs), exc)
+            self._apply_with_retry(consumer, inflight.batch.msgs, stats)
+            return
+        self.finish_batch(inflight.batch, outcome, stats)
+        self._commit_with_retry(consumer, inflight.batch.msgs, stats)
+
+    def _commit_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
+        retry_transient(
+            lambda: self._commit(consumer, msgs, stats),
+            budget_seconds=self.config.max_retry_seconds,
+            initial=self.config.backoff_initial,
+            maximum=self.config.backoff_max,
+            on_retry=lambda exc: self._retrying(exc, stats),
+            what=f"commit of {len(msgs)} records",
+            stop=self._stop,
+        )
+
     def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
         def attempt() -> None:
-            if time.monotonic() - self._horizon_read > HORIZON_READ_SECONDS:
-                # A sink that runs for days sees the purges made while it runs.
-                conn = self._pg_conn()
-                self._horizon = purge_horizon(conn)
-                conn.rollback()
-                self._horizon_read = time.monotonic()
+            self._read_horizon()
             self.apply_batch(msgs, stats)
-            try:
-                self._positions.update(commit(consumer, msgs))
-            except KafkaException as exc:
-                if exc.args[0].code() not in NOT_A_MEMBER:
-                    raise
-                if self._subscribed and exc.args[0].code() == KafkaError.REBALANCE_IN_PROGRESS:
-                    # The group is moving partitions: this batch is written (idempotent) and will be delivered
-                    # again to whoever owns it next; the next poll takes part in the rebalance.
-                    log.info("%s: commit skipped during a rebalance", self.group_id)
-                    return
-                # Retrying cannot help: the batch is written (idempotent) and whoever owns the partitions now
-                # applies it again.
-                raise GroupMembershipError(
-                    f"{self.group_id} did not take this sink's commit ({exc.args[0].str()}): another member owns its "
-                    "partitions (a running sink service, or a rebalance). A run that stops when caught up cannot "
-                    "commit beside a running sink of the same store; a running sink joins the group again."
-                ) from exc
-            stats.batches += 1
+            self._commit(consumer, msgs, stats)
 
         retry_transient(
             attempt,
@@ -401,6 +453,27 @@ class CdcSink:
             stop=self._stop,
         )
 
+    def _commit(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
+        """Commit a batch that is written; a group that moved its partitions meanwhile is told apart."""
+        try:
+            self._positions.update(commit(consumer, msgs))
+        except KafkaException as exc:
+            if exc.args[0].code() not in NOT_A_MEMBER:
+                raise
+            if self._subscribed and exc.args[0].code() == KafkaError.REBALANCE_IN_PROGRESS:
+                # The group is moving partitions: this batch is written (idempotent) and will be delivered
+                # again to whoever owns it next; the next poll takes part in the rebalance.
+                log.info("%s: commit skipped during a rebalance", self.group_id)
+                return
+            # Retrying cannot help: the batch is written (idempotent) and whoever owns the partitions now
+            # applies it again.
+            raise GroupMembershipError(
+                f"{self.group_id} did not take this sink's commit ({exc.args[0].str()}): another member owns its "
+                "partitions (a running sink service, or a rebalance). A run that stops when caught up cannot "
+                "commit beside a running sink of the same store; a running sink joins the group again."
+            ) from exc
+        stats.batches += 1
+
     def _retrying(self, exc: BaseException, stats: ApplyStats) -> None:
         stats.retries += 1
         if self._pg is not None and isinstance(exc, psycopg.OperationalError):
@@ -411,8 +484,14 @@ class CdcSink:
     # --- one batch -------------------------------------------------------------------------
     def apply_batch(self, msgs: Sequence[Message], stats: ApplyStats) -> None:
         """Write one batch to the store and dead-letter its poison records. Idempotent."""
+        batch = self.prepare_batch(msgs)
+        self.finish_batch(batch, self.writer.send(batch.prepared), stats)
+
+    def prepare_batch(self, msgs: Sequence[Message]) -> _Batch:
+        """Decode and transform a batch, ready to send: reads PostgreSQL (truncates, enrichment), writes no store."""
         events: list[tuple[ChangeEvent, Message]] = []
         letters: list[dlq.DeadLetter] = []
+        tombstones = 0
         for msg in msgs:
             try:
                 event = decode_event(msg.topic(), msg.key(), msg.value())
@@ -420,7 +499,7 @@ class CdcSink:
                 letters.append(dlq.DeadLetter.from_failure(self.store.name, msg, exc))
                 continue
             if event is None:
-                stats.tombstones += 1
+                tombstones += 1
                 continue
             # A change older than the purge horizon could resurrect a purged delete: the sink is further behind
             # than the retention window, which is for a rebuild to fix, not for this batch to guess.
@@ -429,23 +508,44 @@ class CdcSink:
 
         truncated = truncate_horizons(self._pg_conn(), [e for e, _ in events if e.is_truncate])
         items = [below_truncate(item, truncated) for item in target_items(self.store, events, self._pg_conn)]
-        outcome = self.writer.write(items)
-        letters += _letters(self.store.name, outcome)
+        return _Batch(list(msgs), events, letters, tombstones, self.writer.prepare(items))
+
+    def finish_batch(self, batch: _Batch, outcome: WriteOutcome, stats: ApplyStats) -> None:
+        """After the batch's writes: its truncates, its dead letters, its counts."""
+        letters = batch.letters + _letters(self.store.name, outcome)
         # A truncate turns what the store holds of the table below its version into tombstones, after the
         # batch's other writes: changes after the truncate carry higher versions and stay.
-        for e, _ in events:
+        for e, _ in batch.events:
             if e.is_truncate and self.store.holds(e.table):
                 outcome.written += self.writer.truncate(e.table, e.version)
 
         dlq.publish(self.producer, letters)
         # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
-        stats.events += len(events)
+        stats.events += len(batch.events)
+        stats.tombstones += batch.tombstones
         stats.written[self.store.name] += outcome.written
         stats.stale += outcome.stale
         for letter in letters:
             stats.dead_lettered[letter.target] += 1
-        for e, _ in events:
+        for e, _ in batch.events:
             stats.per_table[e.table.name] += 1
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A batch decoded and transformed, ready for the store."""
+
+    msgs: list[Message]
+    events: list[tuple[ChangeEvent, Message]]
+    letters: list[dlq.DeadLetter]  # records that failed to decode
+    tombstones: int
+    prepared: Prepared
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    batch: _Batch
+    sending: Future[WriteOutcome]
 
 
 def truncate_horizons(conn: psycopg.Connection, truncates: Sequence[ChangeEvent]) -> dict[str, int]:
