@@ -230,15 +230,7 @@ class CdcSink:
         t0 = time.monotonic()
         self._stop = stop
         self._subscribed = not until_caught_up
-        retry_transient(
-            self.check_source_position,
-            budget_seconds=self.config.max_retry_seconds,
-            initial=self.config.backoff_initial,
-            maximum=self.config.backoff_max,
-            on_retry=lambda exc: self._retrying(exc, stats),
-            what="the check of the stores' newest versions",
-            stop=stop,
-        )
+        self._retry(self.check_source_position, stats, what="the check of the stores' newest versions", stop=stop)
         consumer = self._consumer()
         assigned = threading.Event()
         targets: dict[tuple[str, int], int] = {}
@@ -402,15 +394,7 @@ class CdcSink:
             self._read_horizon()
             prepared.append(self.prepare_batch(msgs))
 
-        retry_transient(
-            attempt,
-            budget_seconds=self.config.max_retry_seconds,
-            initial=self.config.backoff_initial,
-            maximum=self.config.backoff_max,
-            on_retry=lambda exc: self._retrying(exc, stats),
-            what=f"batch of {len(msgs)} records",
-            stop=self._stop,
-        )
+        self._retry(attempt, stats, what=f"batch of {len(msgs)} records", stop=self._stop)
         return prepared[-1]
 
     def _complete(self, consumer: Consumer, inflight: _InFlight, stats: ApplyStats) -> None:
@@ -427,14 +411,8 @@ class CdcSink:
         self._commit_with_retry(consumer, inflight.batch.msgs, stats)
 
     def _commit_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
-        retry_transient(
-            lambda: self._commit(consumer, msgs, stats),
-            budget_seconds=self.config.max_retry_seconds,
-            initial=self.config.backoff_initial,
-            maximum=self.config.backoff_max,
-            on_retry=lambda exc: self._retrying(exc, stats),
-            what=f"commit of {len(msgs)} records",
-            stop=self._stop,
+        self._retry(
+            lambda: self._commit(consumer, msgs, stats), stats, what=f"commit of {len(msgs)} records", stop=self._stop
         )
 
     def _apply_with_retry(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
@@ -443,15 +421,7 @@ class CdcSink:
             self.apply_batch(msgs, stats)
             self._commit(consumer, msgs, stats)
 
-        retry_transient(
-            attempt,
-            budget_seconds=self.config.max_retry_seconds,
-            initial=self.config.backoff_initial,
-            maximum=self.config.backoff_max,
-            on_retry=lambda exc: self._retrying(exc, stats),
-            what=f"batch of {len(msgs)} records",
-            stop=self._stop,
-        )
+        self._retry(attempt, stats, what=f"batch of {len(msgs)} records", stop=self._stop)
 
     def _commit(self, consumer: Consumer, msgs: list[Message], stats: ApplyStats) -> None:
         """Commit a batch that is written; a group that moved its partitions meanwhile is told apart."""
@@ -473,6 +443,17 @@ class CdcSink:
                 "commit beside a running sink of the same store; a running sink joins the group again."
             ) from exc
         stats.batches += 1
+
+    def _retry(self, action: Callable[[], None], stats: ApplyStats, *, what: str, stop: threading.Event | None) -> None:
+        retry_transient(
+            action,
+            budget_seconds=self.config.max_retry_seconds,
+            initial=self.config.backoff_initial,
+            maximum=self.config.backoff_max,
+            on_retry=lambda exc: self._retrying(exc, stats),
+            what=what,
+            stop=stop,
+        )
 
     def _retrying(self, exc: BaseException, stats: ApplyStats) -> None:
         stats.retries += 1
