@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from knowton_pipeline.lib.settings import SPECS, Settings, SettingsError, redact_dsn
+from knowton_pipeline.lib.settings import SPECS, Settings, SettingsError, redact_dsn, setting
 
 
 def test_defaults_work_without_any_variable(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -78,3 +78,11 @@ def test_kraft_cluster_ids_never_look_like_an_option() -> None:
     ids = [new_cluster_id() for _ in range(2000)]
     assert not any(i.startswith("-") for i in ids)
     assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
+
+
+def test_reconcile_crons_default_to_hourly_and_daily_and_refuse_a_malformed_cron() -> None:
+    assert setting("KNOWTON_RECONCILE_INCREMENTAL_CRON", {}) == "5 * * * *"
+    assert setting("KNOWTON_RECONCILE_FULL_CRON", {}) == "30 3 * * *"
+    assert setting("KNOWTON_RECONCILE_FULL_CRON", {"KNOWTON_RECONCILE_FULL_CRON": "*/5 * * * *"}) == "*/5 * * * *"
+    with pytest.raises(SettingsError, match="KNOWTON_RECONCILE_INCREMENTAL_CRON"):
+        setting("KNOWTON_RECONCILE_INCREMENTAL_CRON", {"KNOWTON_RECONCILE_INCREMENTAL_CRON": "hourly"})

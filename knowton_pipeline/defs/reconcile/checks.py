@@ -94,7 +94,11 @@ class ReconcileRunConfig(dg.Config):
     max_repair_keys: int = Field(1000, description="more differing keys than this are left for a backfill")
     repair_reason: str = Field("repair requested in the run config", description="recorded with every repaired key")
     sink_turn_seconds: float = Field(
-        30.0, description="how often the ClickHouse sink applies CDC between the run's steps (embedded engine)"
+        5.0,
+        description=(
+            "how often the ClickHouse sink applies CDC between the run's steps (embedded engine): often enough that "
+            "a change still in Kafka lands within the re-check of differences instead of reading as drift"
+        ),
     )
 
     def request(self) -> ReconcileRequest:
@@ -347,7 +351,7 @@ def repair_differences(
             reconcile_id=config.reconcile_id or None,
             pairs=pairs,
             max_keys=config.max_keys,
-            on_progress=_with_sink_turns(context, clickhouse_store.sink_turns(ch, kafka, postgres, every=30.0)),
+            on_progress=_with_sink_turns(context, clickhouse_store.sink_turns(ch, kafka, postgres, every=5.0)),
         ):
             if outcome.repair_refused:
                 raise dg.Failure(outcome.repair_refused)
