@@ -11,8 +11,10 @@ own writer. Nothing of the pipeline's own data is touched. It reports, medians o
   floor        the PostgreSQL checksum scan alone (count and sum of row hashes over the whole table);
   no drift     a full reconciliation (per-day checksums in both stores at once, nothing differs): its ratio
                to the floor;
-  100 drifted  100 scattered rows edited in the target: time to the exact key list, and the rows that
-               travelled to Python (against 100 x the bisection threshold);
+  100 drifted  100 scattered rows edited in the target: time to the exact, confirmed key list (the re-check
+               confirms at a known position: the target's sink has applied past an anchor taken after the
+               comparison; --fixed-wait re-checks after a fixed --settle wait instead, --settle 0 not at all),
+               and the rows that travelled to Python (against 100 x the bisection threshold);
   incremental  the rows changed in the last hour (1,000 here) of the whole table.
 """
 
@@ -31,6 +33,7 @@ from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import Column, SyncedTable
 from knowton_pipeline.lib import clickhouse
+from knowton_pipeline.lib.reconcile.applied import position_watch
 from knowton_pipeline.lib.reconcile.bisect import Segment
 from knowton_pipeline.lib.reconcile.engine import ReconcileOptions, Reconciler, ReconcileResult
 from knowton_pipeline.lib.settings import Settings
@@ -40,6 +43,7 @@ from knowton_pipeline.lib.stores import postgres as pg_store
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
 from knowton_pipeline.lib.stores.elasticsearch import DocumentStreamSide, ElasticsearchWriter, StoredHashSide
 from knowton_pipeline.lib.stores.postgres import PostgresSide
+from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcSink, SinkTurns
 from knowton_pipeline.lib.sync.source import stream_rows
 
 DATABASE = "knowton_bench"
@@ -157,11 +161,45 @@ def index_documents(conn: psycopg.Connection, es: Elasticsearch) -> None:
     es.indices.forcemerge(index=INDEX, max_num_segments=1)
 
 
-def reconciler(conn: psycopg.Connection, target: Any, name: str, **options: Any) -> Reconciler:
-    opts = ReconcileOptions(**{"settle_seconds": 0, **options})
+def reconciler(
+    conn: psycopg.Connection, target: Any, name: str, confirm: Confirm | None = None, **options: Any
+) -> Reconciler:
+    """Without `confirm`, the first pass is the result (settle_seconds 0)."""
+    opts = ReconcileOptions(**{"settle_seconds": 0, **options, **(confirm.options if confirm else {})})
+    store = target_store(name)
     return Reconciler(
-        TABLE, target_store(name), PostgresSide(conn, TABLE, shape=target_store(name).shape), target, opts
+        TABLE,
+        store,
+        PostgresSide(conn, TABLE, shape=store.shape),
+        target,
+        opts,
+        on_progress=confirm.progress if confirm else None,
+        watch=confirm.watch(conn, name) if confirm else None,
+        make_visible=lambda: store.make_visible(confirm.clients[name], TABLE) if confirm else None,
     )  # type: ignore[arg-type]
+
+
+class Confirm:
+    """How the drifted runs confirm their differences: at a known position (the default), after a fixed wait, or
+    not at all (settle 0). While it waits, the ClickHouse sink takes its turns here: this process holds the engine."""
+
+    def __init__(self, settings: Settings, ch: Any, es: Elasticsearch, *, settle: float, fixed_wait: bool):
+        self.settings, self.clients, self.fixed_wait = settings, {"clickhouse": ch, "elasticsearch": es}, fixed_wait
+        self.options = {"settle_seconds": settle}
+        sink = CdcSink(
+            ApplyConfig(bootstrap=settings.kafka_bootstrap, max_retry_seconds=10.0),
+            store="clickhouse",
+            client=ch,
+            pg_conninfo=settings.pg_conninfo(),
+        )
+        self.turns = SinkTurns(sink, every=0.0)
+
+    def progress(self, message: str) -> None:
+        if message.startswith("waiting for"):  # only while the re-check waits for the target's position
+            self.turns()
+
+    def watch(self, conn: psycopg.Connection, name: str) -> Any:
+        return None if self.fixed_wait else position_watch(conn, name, self.settings.kafka_bootstrap)
 
 
 _VERSIONS = iter(range(2, 1 << 62))
@@ -222,10 +260,14 @@ def main() -> None:
     p.add_argument("--es", action="store_true", help="also the Elasticsearch target (1M documents is plenty)")
     p.add_argument("--reuse", action="store_true", help="keep the generated data of a previous run")
     p.add_argument("--threshold", type=int, default=256)
+    p.add_argument("--settle", type=float, default=5.0, help="the drifted runs' settle_seconds (0: no re-check)")
+    p.add_argument("--fixed-wait", action="store_true", help="re-check after a fixed wait, not at a known position")
     args = p.parse_args()
     settings = Settings.from_env()
     ch = clickhouse.get_client(settings.clickhouse_dsn)
     es = Elasticsearch(settings.es_url, request_timeout=300)
+    confirm = Confirm(settings, ch, es, settle=args.settle, fixed_wait=args.fixed_wait)
+    confirm.turns()  # the ClickHouse sink catches up first, untimed
     with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         if not args.reuse:
             print(f"generating {args.rows:,} rows ...", flush=True)
@@ -253,9 +295,9 @@ def main() -> None:
             )
         print(
             "| target | mode | no drift median s | ratio to floor | target scan alone s | "
-            "100 drifted: s to keys | keys found | rows to Python |"
+            "100 drifted: s to keys | confirmed by | keys found | rows to Python |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, side, drift_es, extra in targets:
             clean = [
                 timed(lambda s=side, n=name, x=extra: reconciler(conn, s(), n, **x).run()) for _ in range(args.repeat)
@@ -268,7 +310,11 @@ def main() -> None:
             drift(conn, ch, drift_es, keys)
             try:
                 found: list[tuple[float, ReconcileResult]] = [
-                    timed(lambda s=side, n=name, x=extra: reconciler(conn, s(), n, threshold=args.threshold, **x).run())
+                    timed(
+                        lambda s=side, n=name, x=extra: reconciler(
+                            conn, s(), n, confirm, threshold=args.threshold, **x
+                        ).run()
+                    )
                     for _ in range(args.repeat)
                 ]
             finally:
@@ -278,7 +324,7 @@ def main() -> None:
             exact = sorted(result.differences.different) == sorted(keys)
             print(
                 f"| {name} | {result.mode} | {t_clean:.2f} | {t_clean / f:.2f} | {t_target:.2f} | {t_found:.2f} | "
-                f"{len(result.differences.different)} ({'exact' if exact else 'NOT exact'}) | "
+                f"{result.confirmed_by} | {len(result.differences.different)} ({'exact' if exact else 'NOT exact'}) | "
                 f"{result.stats.rows_compared:,} (100 x threshold = {100 * args.threshold:,}) |"
             )
         touch_recent(conn, ch, es if args.es else None, 1000)

@@ -425,7 +425,8 @@ def _mode(mode: str | None, full: bool, incremental: bool) -> str:
     default=5.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="Seconds before differences are re-checked (0: never).",
+    help="Re-check differences (0: never): at the sinks' known position, or, when Kafka cannot tell, after this "
+    "many seconds.",
 )
 @click.option(
     "--stuck",
@@ -502,7 +503,8 @@ def reconcile(
         clients = {
             name: opened.enter_context(TARGETS[name].connect(settings)) for name in dict.fromkeys(t for _, t in pairs)
         }
-        for outcome in reconcile_pairs(Connections(conn, clients), pairs, request, on_progress=say):
+        connections = Connections(conn, clients, settings.kafka_bootstrap)
+        for outcome in reconcile_pairs(connections, pairs, request, on_progress=say):
             result = outcome.result
             if result is None or outcome.repair_refused:
                 click.echo(f"error: {outcome.error or outcome.repair_refused}", err=True)

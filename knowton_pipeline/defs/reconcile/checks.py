@@ -96,8 +96,8 @@ class ReconcileRunConfig(dg.Config):
     sink_turn_seconds: float = Field(
         5.0,
         description=(
-            "how often the ClickHouse sink applies CDC between the run's steps (embedded engine): often enough that "
-            "a change still in Kafka lands within the re-check of differences instead of reading as drift"
+            "embedded engine: the ClickHouse sink applies CDC between the run's steps at most this often, so while a "
+            "re-check waits for ClickHouse to apply past its position, the sink gets a turn within seconds"
         ),
     )
 
@@ -226,7 +226,7 @@ def reconcile_stores(
         elasticsearch.get_client() as es,
     ):
         outcomes = reconcile_pairs(
-            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}),
+            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}, kafka.bootstrap_servers),
             [pair for _, pair in selected],
             config.request(),
             aggregate_days=lambda name: _aggregate_days(context, name, config),
@@ -347,7 +347,7 @@ def repair_differences(
         elasticsearch.get_client() as es,
     ):
         for outcome in repair_recorded(
-            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}),
+            Connections(conn, {CLICKHOUSE.name: ch, ELASTICSEARCH.name: es}, kafka.bootstrap_servers),
             reconcile_id=config.reconcile_id or None,
             pairs=pairs,
             max_keys=config.max_keys,

@@ -9,11 +9,17 @@ Modes:
 - `incremental`: only the keys whose updated-at falls in the window (plus a margin) on either side,
   compared row by row. Hard deletes leave no updated-at behind: the daily full run finds those.
 
-Differences found in the first pass are re-checked after `settle_seconds`: a key is reported only when
-both sides held still in between and still differ; a key that kept changing is in flight, not drift,
-so a busy, healthy pipeline raises no alarm. But a key whose source keeps changing while its target never
-moves for `stuck_seconds` is not in flight: the target is stuck, and the key is reported as lagging, with
-how long its target has been seen standing still.
+Differences found in the first pass are re-checked against a known position: an anchor committed after the
+comparison read the source gives a position P, and once the target's sink has applied past P (`applied.py`) a key
+whose source is unchanged and whose target still differs is drift, at once; a key that now matches was in flight;
+a key whose source moved is re-checked with a new P. So an idle pipeline confirms drift without waiting, and a busy,
+healthy one reports nothing. A target that has not applied past P within `stuck_seconds`, or a key whose source
+keeps changing while its target never moves for `stuck_seconds`, is not in flight: the key is reported as lagging,
+with how long its target has been seen standing still.
+
+Without a Kafka bootstrap, or when the sink's group cannot be read, the re-check falls back to a fixed wait of
+`settle_seconds` between rounds (a key is reported when neither side moved in between and they still differ), and
+the result says so (`confirmed_by`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from elasticsearch import ApiError
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib import canonical
 from knowton_pipeline.lib.errors import describe_error
+from knowton_pipeline.lib.reconcile.applied import PositionUnknownError, PositionWatch, position_watch
 from knowton_pipeline.lib.reconcile.bisect import BisectStats, Checksum, Differences, Key, Segment, find_differences
 from knowton_pipeline.lib.stores import Side, TargetStore, target_store
 from knowton_pipeline.lib.stores.postgres import PostgresSide
@@ -41,8 +48,23 @@ from knowton_pipeline.lib.stores.postgres import PostgresSide
 Mode = Literal["incremental", "checksum", "full"]
 MODES: tuple[str, ...] = ("incremental", "checksum", "full")
 Pair = tuple[str | None, str | None]  # (source, target) canonical strings of a key; None: no live row
+Recheck = Literal["settled", "drift", "moved"]
+# How differences were confirmed: against a position the target applied past, after a fixed wait, or not at all.
+Confirmation = Literal["position", "fixed wait", "none"]
 
 STORE_ERRORS = (psycopg.Error, ch_errors.Error, ApiError, elastic_transport.TransportError, OSError)
+
+
+def recheck(before: Pair, now: Pair, *, applied: bool) -> Recheck:
+    """What a re-check of a differing key says. `before` is the key's (source, target) as compared earlier, `now`
+    as read again. `applied`: the target had applied past a position anchored after `before`'s source read, so
+    it holds every change that read could see; an unchanged source it still differs from is drift. Without that
+    knowledge (after a fixed wait), a key is drift only when neither side moved."""
+    if now[0] == now[1]:
+        return "settled"  # it was in flight
+    if applied:
+        return "drift" if now[0] == before[0] else "moved"
+    return "drift" if now == before else "moved"
 
 
 class ReconcileError(RuntimeError):
@@ -57,7 +79,8 @@ class ReconcileOptions:
     max_fanout: int = 4096  # parts per split at most (a store may allow fewer, see Side.max_parts)
     window: timedelta = timedelta(hours=1)  # incremental: rows changed this long ago or later...
     margin: timedelta = timedelta(minutes=5)  # ...plus this much, for changes applied late
-    settle_seconds: float = 5.0  # wait before re-checking differences; 0 reports the first pass as is
+    # Re-check differences (0 reports the first pass as is); without a known position, wait this long between rounds.
+    settle_seconds: float = 5.0
     recheck_rounds: int = 3
     # A target that has not moved this long while its source did is stuck, not in flight: reported as lagging.
     stuck_seconds: float = 60.0
@@ -87,6 +110,8 @@ class ReconcileResult:
     unconfirmed: int = 0  # differences reported without a re-check (beyond max_recheck)
     day_counts: dict[date | None, tuple[int, int]] = field(default_factory=dict)  # days whose counts differ
     first_pass: int = 0  # differences before the re-check
+    confirmed_by: Confirmation = "none"
+    confirmation_note: str = ""  # why the re-check fell back to a fixed wait, when it did
 
     @property
     def clean(self) -> bool:
@@ -129,6 +154,8 @@ class ReconcileResult:
             "sample_lagging": {str(k): round(age, 1) for k, age in list(self.lagging.items())[:sample]},
             "first_pass_differences": self.first_pass,
             "unconfirmed": self.unconfirmed,
+            "confirmed_by": self.confirmed_by,
+            "confirmation_note": self.confirmation_note,
             "segments_checked": self.stats.segments_checked,
             "rows_compared": self.stats.rows_compared,
             "seconds": round(self.seconds, 3),
@@ -149,7 +176,11 @@ class Reconciler:
         *,
         on_progress: Callable[[str], None] | None = None,
         now: Callable[[], datetime] | None = None,
+        watch: PositionWatch | None = None,
+        make_visible: Callable[[], None] | None = None,
     ):
+        """`watch` tells when the target has applied past a source position (None: the re-check waits a fixed
+        time); `make_visible` makes the target's applied writes visible to the next read."""
         self.table, self.store, self.target_name = table, store, store.name
         self.source, self.target = source, target
         self.options = options or ReconcileOptions()
@@ -163,6 +194,9 @@ class Reconciler:
         self._ahead: dict[Segment, tuple[Checksum, Checksum]] = {}
         self._seen: dict[Key, Pair] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._watch, self._make_visible = watch, make_visible or (lambda: None)
+        self.confirmed_by: Confirmation = "none"
+        self.confirmation_note = ""
 
     # --- both sides at once --------------------------------------------------------------------
     def _both(self, on_source: Callable[[], Any], on_target: Callable[[], Any]) -> tuple[Any, Any]:
@@ -265,10 +299,13 @@ class Reconciler:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     # --- the in-flight re-check -----------------------------------------------------------------
     def _settle(self, first: Differences) -> tuple[Differences, list[Key], dict[Key, float], int]:
-        """Keep the differences that hold still; return them, the keys still moving, the keys whose target is
+        """Keep the differences that are confirmed; return them, the keys still moving, the keys whose target is
         stuck (with how long it stood still) and how many went unchecked."""
         opts = self.options
         keys = [*first.missing_in_target, *first.extra_in_target, *first.different]
@@ -281,6 +318,7 @@ class Reconciler:
         first_target = {k: pair[1] for k, pair in previous.items()}
         pending = checked
         target_moved: list[Key] = []  # in flight for sure: the target is applying changes
+        behind = False  # the target did not apply past a position within stuck_seconds of it
         round_ = 0
         while pending:
             # After the usual rounds, only keys whose target has not moved since the first pass are re-checked
@@ -291,27 +329,72 @@ class Reconciler:
                 if not pending or time.monotonic() - started >= opts.stuck_seconds:
                     break
             round_ += 1
-            self._on_progress(
-                f"re-checking {len(pending)} differing key(s) in {opts.settle_seconds:g} s (round {round_})"
-            )
-            time.sleep(opts.settle_seconds)
+            applied = self._wait_applied(len(pending), round_, opts.stuck_seconds)
+            if applied is None:
+                self.confirmed_by = "fixed wait"
+                self._on_progress(
+                    f"re-checking {len(pending)} differing key(s) in {opts.settle_seconds:g} s (round {round_})"
+                )
+                time.sleep(opts.settle_seconds)
+            else:
+                self.confirmed_by = "position"
+                behind = not applied
             source, target = self._compare_keys(pending)
             moving = []
             for key in pending:
                 now = (source.get(key), target.get(key))
-                if now[0] == now[1]:
-                    continue  # caught up: it was in flight
-                if now == previous[key]:
-                    confirmed[key] = now  # neither side moved and they still differ: drift
+                if behind:  # a target still behind the position confirms nothing: what still differs is lagging
+                    verdict: Recheck = "settled" if now[0] == now[1] else "moved"
                 else:
+                    verdict = recheck(previous[key], now, applied=applied is True)
+                if verdict == "drift":
+                    confirmed[key] = now
+                elif verdict == "moved":
                     previous[key] = now
                     moving.append(key)
             pending = moving
+            if behind:
+                break
         still = time.monotonic() - started
-        lagging = {k: still for k in pending if previous[k][1] == first_target[k] and still >= opts.stuck_seconds}
+        if behind:  # the target is more than stuck_seconds behind the comparison: every key it still differs in
+            lagging = dict.fromkeys(pending, still)
+        else:
+            stuck = still >= opts.stuck_seconds
+            lagging = {k: still for k in pending if previous[k][1] == first_target[k] and stuck}
         confirmed.update({k: previous[k] for k in lagging})
         in_flight = target_moved + [k for k in pending if k not in lagging]
         return self._classify(confirmed), in_flight, lagging, len(unchecked)
+
+    def _wait_applied(self, keys: int, round_: int, stuck_seconds: float) -> bool | None:
+        """Anchor a position after the source was read and wait until the target has applied past it: True once it
+        has, False when it has not within `stuck_seconds`, None when it cannot be known (then the caller waits a
+        fixed time)."""
+        if self._watch is None:
+            return None
+        try:
+            position = self._watch.anchor()
+            deadline = time.monotonic() + stuck_seconds
+            self._on_progress(
+                f"re-checking {keys} differing key(s) once {self.target_name} has applied past {position} (round {round_})"
+            )
+            said = [time.monotonic()]
+
+            def waiting(seconds: float) -> None:
+                # The progress callback also gives a store the caller holds (the embedded engine) its sink turns.
+                if time.monotonic() - said[0] >= 1.0:
+                    said[0] = time.monotonic()
+                    self._on_progress(f"waiting for {self.target_name} to apply past {position} ({seconds:.0f} s)")
+
+            applied = self._watch.wait(position, deadline, waiting) == "applied"
+        except PositionUnknownError as exc:
+            self.confirmation_note = f"position unknown, fell back to a fixed wait: {exc}"
+            self._on_progress(self.confirmation_note)
+            self._watch.close()
+            self._watch = None
+            return None
+        if applied:
+            self._make_visible()
+        return applied
 
     # --- the run -------------------------------------------------------------------------------
     def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
@@ -382,6 +465,8 @@ class Reconciler:
             unconfirmed=unconfirmed,
             day_counts=day_counts,
             first_pass=first.total,
+            confirmed_by=self.confirmed_by,
+            confirmation_note=self.confirmation_note,
         )
 
 
@@ -393,8 +478,10 @@ def build_reconciler(
     client: Any,
     options: ReconcileOptions | None = None,
     on_progress: Callable[[str], None] | None = None,
+    bootstrap: str | None = None,
 ) -> Reconciler:
-    """The reconciler of `table` with the target store named `target`, over its `client`."""
+    """The reconciler of `table` with the target store named `target`, over its `client`. With `bootstrap` (Kafka),
+    differences are confirmed once the target's sink has applied past the comparison; without, after a fixed wait."""
     store = target_store(target)
     if client is None:
         raise ValueError(f"reconciling with {store.name} needs a {store.title} client")
@@ -404,4 +491,13 @@ def build_reconciler(
     report = on_progress or (lambda _m: None)
     side = store.side(client, table, full=options.mode == "full", progress=lambda n: report(f"{n} documents hashed"))
     source = PostgresSide(conn, table, shape=store.shape)
-    return Reconciler(table, store, source, side, options, on_progress=on_progress)
+    return Reconciler(
+        table,
+        store,
+        source,
+        side,
+        options,
+        on_progress=on_progress,
+        watch=position_watch(conn, store.name, bootstrap) if options.settle_seconds > 0 else None,
+        make_visible=lambda: store.make_visible(client, table),
+    )

@@ -35,11 +35,13 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Connections:
-    """What a flow works with, opened by its caller: PostgreSQL in autocommit mode and the target stores'
-    clients by store name (a target the pairs do not need may be left out)."""
+    """What a flow works with, opened by its caller: PostgreSQL in autocommit mode, the target stores'
+    clients by store name (a target the pairs do not need may be left out) and Kafka's bootstrap servers, where
+    the sinks' positions are read (None: differences are confirmed after a fixed wait, not at a known position)."""
 
     conn: psycopg.Connection
     clients: Mapping[str, Any]
+    bootstrap: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,14 @@ def reconcile_pairs(
         outcome = PairOutcome(name, target, days=days)
         try:
             result = reconcile_pair(
-                name, target, conn=c.conn, clients=c.clients, options=options, days=days, on_progress=say
+                name,
+                target,
+                conn=c.conn,
+                clients=c.clients,
+                options=options,
+                days=days,
+                on_progress=say,
+                bootstrap=c.bootstrap,
             )
         except ReconcileError as exc:
             outcome.error = str(exc)

@@ -77,12 +77,20 @@ def reconcile_pair(
     options: ReconcileOptions | None = None,
     days: Sequence[date] | None = None,
     on_progress: Callable[[str], None] | None = None,
+    bootstrap: str | None = None,
 ) -> ReconcileResult:
-    """Reconcile table (or aggregate) `name` with the target store `target`; `clients` by store name."""
+    """Reconcile table (or aggregate) `name` with the target store `target`; `clients` by store name. `bootstrap`
+    (Kafka) lets differences be confirmed at a known position (see `engine.py`); without it, after a fixed wait."""
     if is_aggregate(name):
         return AggregateReconciler(conn, clients.get(CLICKHOUSE.name), name, days=days, on_progress=on_progress).run()
     reconciler = build_reconciler(
-        table(name), target, conn=conn, client=clients.get(target), options=options, on_progress=on_progress
+        table(name),
+        target,
+        conn=conn,
+        client=clients.get(target),
+        options=options,
+        on_progress=on_progress,
+        bootstrap=bootstrap,
     )
     result = reconciler.run()
     conn.rollback()
