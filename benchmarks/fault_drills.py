@@ -317,14 +317,22 @@ class Drill:
             and (r.dagster_run.tags.get("dagster/sensor_name") or r.dagster_run.tags.get("dagster/schedule_name"))
         ]
 
+    def run_created(self, run_id: str) -> float:
+        """When a Dagster run was created; 0 when unknown."""
+        record = self.instance.get_run_record_by_id(run_id)
+        return record.create_timestamp.timestamp() if record is not None else 0.0
+
     def detection(self, since: float, touched: Sequence[str], store: str = "") -> tuple[float, str] | None:
         """The first sign after `since` that the project noticed something."""
         import psycopg
 
         signs: list[tuple[float, str]] = []
         for a in alerts_of_the_pipeline(self.receiver.since(since, time.time()), self.observer_runs):
-            if not a.title.startswith("Recovered: "):  # a recovery is news of an earlier failure, not of this fault
-                signs.append((a.at, f"alert: {a.title[:40]}"))
+            if a.title.startswith("Recovered: "):  # news of an earlier failure, not of this fault
+                continue
+            if a.run and self.run_created(a.run) < since:  # a run that began before the fault (or the drill's pause)
+                continue
+            signs.append((a.at, f"alert: {a.title[:40]}"))
         for r in self.runs_since(since, ACTING_JOBS):
             signs.append((r.create_timestamp.timestamp(), f"run {r.dagster_run.job_name}"))
         latest = self.instance.event_log_storage.get_latest_asset_check_execution_by_key(self.check_keys)

@@ -10,14 +10,14 @@ import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 from knowton_pipeline.definitions import defs
-from knowton_pipeline.defs.resources import build_resources
+from knowton_pipeline.defs.resources import ElasticsearchResource, build_resources
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline_tests.helpers import ch_row, insert_user, new_address, wait_for_cdc
 
 USERS_MIRROR = dg.AssetKey(["clickhouse", "knowton", "users"])
 
 
-def _run(job: str, config: dict[str, Any], instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+def _run(job: str, config: dict[str, Any], instance: dg.DagsterInstance, **resources: Any) -> dg.ExecuteInJobResult:
     op = "reconcile_stores" if job == "reconcile" else "repair_differences"
     return (
         defs()
@@ -25,7 +25,7 @@ def _run(job: str, config: dict[str, Any], instance: dg.DagsterInstance) -> dg.E
         .execute_in_process(
             run_config={"ops": {op: {"config": config}}},
             instance=instance,
-            resources=build_resources(),
+            resources={**build_resources(), **resources},
             raise_on_error=False,
         )
     )
@@ -96,3 +96,15 @@ def test_a_reconciliation_holding_the_embedded_engine_gives_the_clickhouse_sink_
         assert any("the ClickHouse sink took its turn" in m for m in logs), logs
     row = ch_row(ch, "users", "address = {a:String}", {"a": address})
     assert row is not None and row["reputation"] == 41
+
+
+def test_a_store_down_mid_run_fails_the_run_naming_the_pair_and_gives_no_verdict(caught_up: None) -> None:
+    # Nothing listens on this port: the search store is down for this run.
+    down = ElasticsearchResource(url="http://127.0.0.1:9", request_timeout=2.0)
+    config = {"tables": ["User"], "targets": ["elasticsearch"], "settle_seconds": 0}
+    with dg.instance_for_test() as instance:
+        result = _run("reconcile", config, instance, elasticsearch=down)
+        assert not result.success and _evaluations(result) == []
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        error = str(failure.event_specific_data.error)
+        assert "1 reconciliation(s) could not finish" in error and "User -> elasticsearch" in error, error

@@ -98,7 +98,7 @@ def heal_cdc(
         )
     )
     if failed:
-        raise dg.Failure(f"{len(failed)} table(s) not re-synced", description="\n".join(failed))
+        raise dg.Failure(description=f"{len(failed)} table(s) not re-synced:\n" + "\n".join(failed))
     with postgres.get_connection(autocommit=True) as conn:
         healed_after = track_incident(conn, HEAL_INCIDENT, False, "") or 0.0
     metadata = {

@@ -268,7 +268,7 @@ def reconcile_stores(
             )
     if failed:
         # No verdict for these: a store failed mid-run, and a partial result is not presented as one.
-        raise dg.Failure(f"{len(failed)} reconciliation(s) could not finish", description="\n".join(failed))
+        raise dg.Failure(description=f"{len(failed)} reconciliation(s) could not finish:\n" + "\n".join(failed))
 
 
 reconcile_job = dg.define_asset_job(
