@@ -52,6 +52,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+from knowton_pipeline.lib.health.connect import ConnectorHealth, connector_from_status
+from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OBSERVER_TAG = "knowton/drill"
 CDC_CONNECTOR = "postgres-cdc-source-connector"
@@ -459,25 +462,21 @@ class Drill:
             time.sleep(20)
 
     # --- helpers for the faults ------------------------------------------------------------------------------
-    def connector_running(self) -> bool:
-        from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
-
+    def cdc_health(self) -> ConnectorHealth | None:
+        """The CDC connector's health as the project reads it; None when Connect does not answer."""
         try:
-            status = KafkaConnectClient(self.settings.connect_url).status(CDC_CONNECTOR) or {}
-        except Exception:  # Connect down counts as not running
-            return False
-        tasks = status.get("tasks") or []
-        return (
-            status.get("connector", {}).get("state") == "RUNNING"
-            and bool(tasks)
-            and all(t["state"] == "RUNNING" for t in tasks)
-        )
+            status = KafkaConnectClient(self.settings.connect_url).status(CDC_CONNECTOR)
+        except Exception:  # Connect down: nothing to report
+            return None
+        return connector_from_status(CDC_CONNECTOR, status or {})
+
+    def connector_running(self) -> bool:
+        health = self.cdc_health()
+        return health is not None and health.healthy
 
     def task_failed(self) -> bool:
-        from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
-
-        status = KafkaConnectClient(self.settings.connect_url).status(CDC_CONNECTOR) or {}
-        return any(t.get("state") == "FAILED" for t in status.get("tasks") or [])
+        health = self.cdc_health()
+        return health is not None and any(t.state == "FAILED" for t in health.tasks)
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
