@@ -4,6 +4,8 @@ project's own history is pruned by age. Deletes are aged by a WAL mark dated bac
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -201,18 +203,31 @@ def test_history_past_its_age_is_pruned_and_recent_history_kept(
 
 
 def test_storage_checks_record_rows_tombstones_and_bytes_of_every_mirror_and_index(
-    caught_up: None, pg: psycopg.Connection, ch: ClickHouseClient, es: Elasticsearch
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
 ) -> None:
     import dagster as dg
 
     from knowton_pipeline.definitions import defs
     from knowton_pipeline.defs.resources import build_resources
 
+    # At least one User tombstone in each store, so the WARN below has something to see.
+    pg.execute('DELETE FROM "User" WHERE address = %s', (insert_user(pg),))
+    apply()
     with dg.instance_for_test() as instance:
         result = (
             defs()
             .resolve_job_def("health_checks")
-            .execute_in_process(resources=build_resources(), instance=instance, raise_on_error=False)
+            .execute_in_process(
+                resources=build_resources(),
+                instance=instance,
+                raise_on_error=False,
+                # Any tombstone at all is too many: every pair that stores one must WARN, the others pass.
+                run_config={"ops": {"storage": {"config": {"warn_tombstone_share": 0.0}}}},
+            )
         )
     storage = {
         e.event_specific_data.asset_key.to_user_string(): e.event_specific_data
@@ -234,6 +249,11 @@ def test_storage_checks_record_rows_tombstones_and_bytes_of_every_mirror_and_ind
     tombstones = es.count(index="knowton-users-v*", query={"term": {"is_deleted": True}})["count"]
     assert documents["tombstones"].value == tombstones and documents["bytes"].value > 0
     assert 0 <= documents["tombstone_share"].value <= 1
+    assert users["tombstones"].value >= 1 and documents["tombstones"].value >= 1
+    for key, evaluation in storage.items():
+        held = evaluation.metadata["tombstones"].value
+        assert evaluation.passed == (held == 0), (key, held)
+        assert evaluation.severity == dg.AssetCheckSeverity.WARN, "piled-up tombstones warn, they do not fail"
 
 
 def test_the_maintenance_job_runs_from_dagster_and_reports_what_it_removed(
@@ -245,12 +265,32 @@ def test_the_maintenance_job_runs_from_dagster_and_reports_what_it_removed(
     from knowton_pipeline.defs.resources import build_resources
 
     with dg.instance_for_test() as instance:
+        # Finished runs in the instance's history: a sensor-launched apply (pruned past its age), a reconciliation
+        # (kept: its events are check history) and an apply still running (kept: not finished).
+        def run(job: str, status: dg.DagsterRunStatus) -> str:
+            return instance.add_run(dg.DagsterRun(job_name=job, run_id=str(uuid.uuid4()), status=status)).run_id
+
+        old_apply = run("apply_cdc", dg.DagsterRunStatus.SUCCESS)
+        old_reconcile = run("reconcile", dg.DagsterRunStatus.SUCCESS)
+        running_apply = run("apply_cdc", dg.DagsterRunStatus.STARTED)
+        time.sleep(1.5)  # older than the run history age configured below (one second)
         result = (
-            defs().resolve_job_def("maintenance").execute_in_process(resources=build_resources(), instance=instance)
+            defs()
+            .resolve_job_def("maintenance")
+            .execute_in_process(
+                resources=build_resources(),
+                instance=instance,
+                run_config={"ops": {"maintain": {"config": {"run_history_days": 1 / 86400}}}},
+            )
         )
         assert result.success
         [materialization] = [e.event_specific_data for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
         metadata = materialization.metadata
+        assert instance.get_run_by_id(old_apply) is None, "an old finished apply run is deleted"
+        assert instance.get_run_by_id(old_reconcile) is not None, "a run that evaluated checks is kept"
+        assert instance.get_run_by_id(running_apply) is not None, "a run not finished is kept"
+        assert instance.get_run_by_id(result.run_id) is not None, "the maintenance run keeps itself"
+        assert metadata["dagster_runs_deleted"].value >= 1
     assert {"purge_horizon", "tombstones_purged_clickhouse", "tombstones_purged_elasticsearch"} <= set(metadata)
     assert {"pruned_reconcile_runs", "pruned_backfill_progress", "pruned_dlq_parked", "dagster_runs_deleted"} <= set(
         metadata
