@@ -1,11 +1,14 @@
 """connector_health_sensor against the real Kafka Connect, with alerts delivered to a real HTTP receiver
-(which may refuse them); its restart/backoff/alert decisions on failed, deleted and redeployed connectors;
-restart_failed_connectors on the real worker."""
+(which may refuse them), a worker killed outright mid-stream among them; its restart/backoff/alert decisions on
+failed, deleted and redeployed connectors; restart_failed_connectors on the real worker."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,9 +32,18 @@ from knowton_pipeline.defs.resources import AlertsResource, KafkaConnectResource
 from knowton_pipeline.lib.health.connect import ConnectHealth, ConnectorHealth, TaskState
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.sync import dlq
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.stack.manager import Stack
-from knowton_pipeline_tests.helpers import Receiver, ch_row, es_source, insert_user, wait_for
+from knowton_pipeline_tests.helpers import (
+    Receiver,
+    assert_reconciled,
+    ch_row,
+    es_source,
+    insert_user,
+    topic_size,
+    wait_for,
+)
 
 
 def tick(settings: Settings, receiver: Receiver, cursor: str | None, **policy: Any) -> tuple[dg.SensorResult, float]:
@@ -65,37 +77,71 @@ def test_a_healthy_tick_is_fast_records_states_and_requests_nothing(
     assert again.asset_events == []
 
 
-def test_an_unreachable_connect_alerts_after_the_configured_ticks_and_recovers_losing_no_change(
+def test_a_connect_worker_killed_mid_stream_alerts_once_recovers_and_loses_no_change(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
     stack: Stack,
     settings: Settings,
     receiver: Receiver,
     pg: psycopg.Connection,
     ch: ClickHouseClient,
     es: Elasticsearch,
-    apply: Callable[[], ApplyStats],
 ) -> None:
+    """The worker is SIGKILLed (no flush, no clean shutdown) while rows are written. The sensor alerts once, on
+    the configured tick, and recovers when the worker is back; Debezium resumes from the offsets Connect last
+    flushed and the slot, so every change reaches both stores (some perhaps twice: harmless, writes are
+    versioned) and nothing goes to a DLQ."""
+    dlq_before = {t: topic_size(settings, t) for t in dlq.TARGET_DLQ.values()}
+    written: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+            while not stop.is_set():
+                written.append(insert_user(conn))
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=write)
+    writer.start()
     cursor = None
-    stack.down(["connect"])
-    written = []
     try:
+        time.sleep(2)
+        record = stack.record(stack.components["connect"])
+        assert record is not None
+        os.killpg(record.pid, signal.SIGKILL)
+        wait_for(lambda: stack.record(stack.components["connect"]) is None, timeout=30, what="the worker gone")
         for expected in (0, 1, 1):  # alert on the second tick, and only once
             result, seconds = tick(settings, receiver, cursor, unreachable_ticks=2, request_timeout_seconds=2.0)
             cursor = result.cursor
             assert seconds < 2.0 + 1.0  # bounded by the request timeout
             assert len(receiver.received) == expected
-            written.append(insert_user(pg))  # changes made during the outage
+            time.sleep(1)  # writes go on while no worker reads the slot
         assert "Kafka Connect is unreachable" in receiver.texts()[0]
-    finally:
         stack.up(["connect"])
-    client = KafkaConnectClient(settings.connect_url)
-    wait_for(lambda: (client.status(CDC_CONNECTOR) or {}).get("connector", {}).get("state") == "RUNNING", timeout=120)
+        client = KafkaConnectClient(settings.connect_url)
+        wait_for(
+            lambda: (
+                (st := client.status(CDC_CONNECTOR) or {}).get("connector", {}).get("state") == "RUNNING"
+                and all(t["state"] == "RUNNING" for t in st.get("tasks", []))
+            ),
+            timeout=120,
+            what="the connector and its task RUNNING again",
+        )
+        time.sleep(2)
+    finally:
+        stop.set()
+        writer.join()
+        if stack.record(stack.components["connect"]) is None:
+            stack.up(["connect"])
     result, _ = tick(settings, receiver, cursor, unreachable_ticks=2)
     assert len(receiver.received) == 2 and receiver.texts()[1].endswith("Recovered: Kafka Connect is unreachable")
-    # Debezium resumes from its slot: every change made while Connect was down reaches both stores.
     apply()
+    assert len(written) > 50
     for address in written:
-        assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is not None
-        assert es_source(es, "knowton-users", address) is not None
+        assert ch_row(ch, "users", "address = {a:String}", {"a": address}) is not None, address
+        assert es_source(es, "knowton-users", address) is not None, address
+    assert_reconciled(settings, ch, es, "User", written)
+    assert {t: topic_size(settings, t) for t in dlq.TARGET_DLQ.values()} == dlq_before
 
 
 def _failed(trace: str = "org.postgresql.util.PSQLException: FATAL: role is not permitted to log in") -> ConnectHealth:
