@@ -1,5 +1,6 @@
 """Each store's split checksums (all parts of a split in one query) equal the parts' own checksums, for
-text and integer keys, with points taken from the keys present and points between them."""
+text and integer keys, with points taken from the keys present and points between them; the full search side
+read in parallel slices answers exactly as one stream does."""
 
 from __future__ import annotations
 
@@ -61,3 +62,32 @@ def test_split_checksums_match_the_checksums_of_each_part(
                 assert side.split_checksums(inner, [p.lo for p in inner_parts[1:]]) == [
                     side.checksum(p) for p in inner_parts
                 ], side.label
+
+
+@pytest.mark.parametrize("name", ["User", "Content"])
+def test_the_full_search_side_hashed_in_parallel_slices_answers_as_one_stream_does(
+    name: str,
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    pg: psycopg.Connection,
+    es: Elasticsearch,
+) -> None:
+    creator = insert_user(pg)
+    for i in range(5):
+        insert_content(pg, creator, title=f"sliced {i}")
+    apply()
+    t = table(name)
+    one = DocumentStreamSide(es, t, workers=1)
+    sliced = DocumentStreamSide(es, t, workers=3)
+    sliced.parallel_from = 0  # slices and worker processes even for the tests' few documents
+    reported: list[int] = []
+    sliced._progress = reported.append
+    whole = one.checksum(Segment())
+    assert whole.count > 3
+    assert sliced.checksum(Segment()) == whole
+    assert sliced.day_checksums() == one.day_checksums()
+    assert sliced.key_bounds(Segment()) == one.key_bounds(Segment())
+    points = one.split_points(Segment(), 7, whole.count)
+    assert sliced.split_points(Segment(), 7, whole.count) == points
+    assert sliced.split_checksums(Segment(), points) == one.split_checksums(Segment(), points)
+    assert sliced._hashed == whole.count, "every document was hashed once, by one of the workers"

@@ -9,15 +9,20 @@ the hash of its own canonical row, so the index can be checksummed without any d
 from __future__ import annotations
 
 import bisect as _bisect
+import itertools
 import json
 import math
+import multiprocessing
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import elastic_transport
@@ -247,6 +252,46 @@ def _es_day(value: Any) -> date | None:
         return None
 
 
+def stream_documents(
+    es: Elasticsearch,
+    index: str,
+    key_field: str,
+    query: dict[str, Any],
+    fields: list[str],
+    *,
+    part: tuple[int, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The `_source` of every document matching `query`, in key order, through a point in time (a consistent
+    view). `part` (i, n) reads only slice i of n: the slices of one point in time partition its documents."""
+    pit = es.open_point_in_time(index=index, keep_alive="2m")["id"]
+    try:
+        after: list[Any] | None = None
+        while True:
+            body: dict[str, Any] = {
+                "size": ES_PAGE,
+                "query": query,
+                "pit": {"id": pit, "keep_alive": "2m"},
+                "sort": [{key_field: "asc"}, {"_shard_doc": "asc"}],
+                "_source": fields,
+                "track_total_hits": False,
+                "filter_path": "pit_id,hits.hits._source,hits.hits.sort",
+            }
+            if part is not None and part[1] > 1:
+                body["slice"] = {"id": part[0], "max": part[1]}
+            if after is not None:
+                body["search_after"] = after
+            page = es.search(**body)
+            pit = page.get("pit_id", pit)
+            hits = page.get("hits", {}).get("hits", [])
+            if not hits:
+                return
+            for hit in hits:
+                yield hit["_source"]
+            after = hits[-1]["sort"]
+    finally:
+        es.close_point_in_time(id=pit)
+
+
 class _IndexSide:
     """A search index (through its alias), compared on the fields its documents hold."""
 
@@ -263,30 +308,8 @@ class _IndexSide:
 
     def stream(self, query: dict[str, Any], fields: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every document matching `query`, in key order, through a point in time (a consistent view)."""
-        pit = self.es.open_point_in_time(index=self.index, keep_alive="2m")["id"]
-        try:
-            after: list[Any] | None = None
-            while True:
-                body: dict[str, Any] = {
-                    "size": ES_PAGE,
-                    "query": query,
-                    "pit": {"id": pit, "keep_alive": "2m"},
-                    "sort": [{self.key_field: "asc"}, {"_shard_doc": "asc"}],
-                    "_source": fields if fields is not None else es_source_fields(self.table),
-                    "track_total_hits": False,
-                }
-                if after is not None:
-                    body["search_after"] = after
-                page = self.es.search(**body)
-                pit = page.get("pit_id", pit)
-                hits = page["hits"]["hits"]
-                if not hits:
-                    return
-                for hit in hits:
-                    yield hit["_source"]
-                after = hits[-1]["sort"]
-        finally:
-            self.es.close_point_in_time(id=pit)
+        fields = fields if fields is not None else es_source_fields(self.table)
+        return stream_documents(self.es, self.index, self.key_field, query, fields)
 
     def rows(self, seg: Segment) -> dict[Key, str]:
         query = es_segment_query(self.table, seg.lo, seg.hi)
@@ -401,12 +424,83 @@ class StoredHashSide(_IndexSide):
         return keys[step::step]
 
 
+@dataclass
+class HashedDocuments:
+    """Streamed documents hashed: keys in stream order, their row hashes, and (count, sum) per creation day."""
+
+    keys: list[Key]
+    hashes: list[int]
+    days: dict[date | None, list[int]]
+
+
+def hash_documents(
+    table: SyncedTable,
+    documents: Iterator[dict[str, Any]],
+    key_field: str,
+    created_field: str | None,
+    progress: Callable[[int], None] | None = None,
+    every: int = 100_000,
+) -> HashedDocuments:
+    out = HashedDocuments([], [], defaultdict(lambda: [0, 0]))
+    for source in documents:
+        h = row_hash(canonical_from_es_source(table, source))
+        out.keys.append(source[key_field])
+        out.hashes.append(h)
+        acc = out.days[_es_day(source.get(created_field)) if created_field else None]
+        acc[0] += 1
+        acc[1] += h
+        if progress and len(out.keys) % every == 0:
+            progress(every)
+    if progress and len(out.keys) % every:
+        progress(len(out.keys) % every)
+    out.days = dict(out.days)
+    return out
+
+
+@dataclass(frozen=True)
+class _HashPart:
+    """One slice of a point in time, streamed and hashed in a worker process with a client of its own."""
+
+    nodes: tuple[elastic_transport.NodeConfig, ...]  # the parent client's nodes (with its auth headers)
+    table: SyncedTable
+    index: str
+    key_field: str
+    created_field: str | None
+    query: dict[str, Any]
+    fields: list[str]
+    part: tuple[int, int]
+
+
+_progress_queue: Any = None  # in a worker process: where it reports how many documents it hashed
+
+
+def _init_hash_worker(queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = queue
+
+
+def _hash_part(task: _HashPart) -> HashedDocuments:
+    with Elasticsearch(list(task.nodes), request_timeout=300) as es:
+        documents = stream_documents(es, task.index, task.key_field, task.query, task.fields, part=task.part)
+        report = _progress_queue.put if _progress_queue is not None else None
+        return hash_documents(task.table, documents, task.key_field, task.created_field, report, every=20_000)
+
+
+def default_hash_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class DocumentStreamSide(_IndexSide):
     """Every live document is streamed once (point in time + search_after) and hashed from its `_source`, so an
-    edit made directly in the index is caught too; segments are then answered from memory."""
+    edit made directly in the index is caught too; segments are then answered from memory.
+
+    From `parallel_from` live documents on, the point in time is read in `workers` slices, each streamed and
+    hashed by a process of its own: hashing is Python, so threads would share one core. The slices come back
+    in key order each and are merged."""
 
     # From memory, parts are cheap.
     max_parts = 4096
+    parallel_from = 100_000
 
     def __init__(
         self,
@@ -415,32 +509,67 @@ class DocumentStreamSide(_IndexSide):
         *,
         index: str | None = None,
         progress: Callable[[int], None] | None = None,
+        workers: int | None = None,
     ):
         super().__init__(es, table, index=index)
         self._progress = progress
+        self.workers = default_hash_workers() if workers is None else workers
         self._keys: list[Key] = []
         self._prefix: list[int] = [0]  # prefix sums of the streamed hashes, in key order
         self._days: dict[date | None, Checksum] = {}
         self._loaded = False
+        self._hashed = 0
+
+    def _report(self, n: int) -> None:
+        before, self._hashed = self._hashed, self._hashed + n
+        if self._progress and before // 100_000 != self._hashed // 100_000:
+            self._progress(self._hashed)
 
     def _load(self) -> None:
         """Stream and hash every live document, once (on first use, so it can overlap PostgreSQL's scan)."""
         if self._loaded:
             return
         self._loaded = True
+        query, fields = es_segment_query(self.table), es_source_fields(self.table)
+        parts = 1
+        if self.workers > 1 and self.es.count(index=self.index, query=query)["count"] >= self.parallel_from:
+            parts = self.workers
+        if parts == 1:
+            hashed = [
+                hash_documents(self.table, self.stream(query, fields), self.key_field, self._created, self._report)
+            ]
+        else:
+            hashed = self._hash_in_parts(query, fields, parts)
+        keys = [k for h in hashed for k in h.keys]
+        hashes = [v for h in hashed for v in h.hashes]
+        if len(hashed) > 1:
+            # Each slice is in key order: the sort merges sorted runs.
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            keys, hashes = [keys[i] for i in order], [hashes[i] for i in order]
+        self._keys = keys
+        self._prefix = list(itertools.accumulate(hashes, initial=0))
         days: dict[date | None, list[int]] = defaultdict(lambda: [0, 0])
-        total = 0
-        for source in self.stream(es_segment_query(self.table), es_source_fields(self.table)):
-            h = row_hash(canonical_from_es_source(self.table, source))
-            self._keys.append(source[self.key_field])
-            total += h
-            self._prefix.append(total)
-            acc = days[_es_day(source.get(self._created)) if self._created else None]
-            acc[0] += 1
-            acc[1] += h
-            if self._progress and len(self._keys) % 100_000 == 0:
-                self._progress(len(self._keys))
+        for h in hashed:
+            for day, (count, total) in h.days.items():
+                days[day][0] += count
+                days[day][1] += total
         self._days = {d: Checksum(c, s) for d, (c, s) in days.items()}
+
+    def _hash_in_parts(self, query: dict[str, Any], fields: list[str], parts: int) -> list[HashedDocuments]:
+        nodes = tuple(node.config for node in self.es.transport.node_pool.all())
+        tasks = [
+            _HashPart(nodes, self.table, self.index, self.key_field, self._created, query, fields, (i, parts))
+            for i in range(parts)
+        ]
+        # spawn: the caller may hold threads (a Dagster run, a sink) that a fork would copy mid-lock.
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        with ProcessPoolExecutor(parts, mp_context=context, initializer=_init_hash_worker, initargs=(queue,)) as pool:
+            futures = [pool.submit(_hash_part, task) for task in tasks]
+            while not all(f.done() for f in futures):
+                with suppress(Empty):
+                    self._report(queue.get(timeout=0.5))
+            return [f.result() for f in futures]
 
     def _span(self, seg: Segment) -> tuple[int, int]:
         self._load()
