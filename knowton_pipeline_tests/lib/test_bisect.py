@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect as _bisect
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ from knowton_pipeline.lib.reconcile.bisect import (
     Key,
     Segment,
     find_differences,
+    runs,
 )
 
 
@@ -53,25 +55,43 @@ class Side:
         return Checksum(len(keys), sum(row_hash(f"{k!r}\t{self.rows[k]}") for k in keys))
 
 
-def run(source: dict, target: dict, threshold: int = 8, fanout: int = 4):  # type: ignore[no-untyped-def]
+class Questions:
+    """How many questions each store was asked: the level-wise bisection asks one per level, whatever the drift."""
+
+    def __init__(self) -> None:
+        self.splits = self.compares = 0
+
+
+def run(source: dict, target: dict, threshold: int = 8, fanout: int = 4, asked: Questions | None = None):  # type: ignore[no-untyped-def]
     s, t = Side(source), Side(target)
+    asked = asked or Questions()
 
-    def compare(seg: Segment) -> tuple[Differences, int]:
-        ks, kt = in_segment(s.keys, seg), in_segment(t.keys, seg)
-        d = Differences(
-            missing_in_target=[k for k in ks if k not in target],
-            extra_in_target=[k for k in kt if k not in source],
-            different={k: ["row"] for k in ks if k in target and target[k] != source[k]},
-        )
-        return d, len(ks) + len(kt)
+    def compare(segments: Sequence[Segment]) -> tuple[Differences, int]:
+        asked.compares += 1
+        d, rows = Differences(), 0
+        for seg in segments:
+            ks, kt = in_segment(s.keys, seg), in_segment(t.keys, seg)
+            d.extend(
+                Differences(
+                    missing_in_target=[k for k in ks if k not in target],
+                    extra_in_target=[k for k in kt if k not in source],
+                    different={k: ["row"] for k in ks if k in target and target[k] != source[k]},
+                )
+            )
+            rows += len(ks) + len(kt)
+        return d, rows
 
-    def points(seg: Segment, parts: int, from_target: bool) -> list:
-        side = t if from_target else s
-        return quantile_points(in_segment(side.keys, seg), parts)
+    def split(parents: Sequence[tuple[Segment, Checksum, Checksum]]) -> list:
+        asked.splits += 1
+        out = []
+        for seg, cs, ct in parents:
+            side = t if ct.count > cs.count else s
+            parts = seg.split(quantile_points(in_segment(side.keys, seg), fanout))
+            out.append([(p, s.checksum(p), t.checksum(p)) for p in parts] if len(parts) > 1 else [])
+        return out
 
-    return find_differences(
-        Segment(), lambda seg: (s.checksum(seg), t.checksum(seg)), points, compare, threshold=threshold, fanout=fanout
-    )
+    root = Segment()
+    return find_differences((root, s.checksum(root), t.checksum(root)), split, compare, threshold=threshold)
 
 
 keys_int = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -131,3 +151,32 @@ def test_identical_sides_take_one_checksum_and_read_no_rows() -> None:
 def test_a_segment_of_a_single_key_is_compared_whole() -> None:
     assert Segment(5, 6).split([5]) == [Segment(5, 6)]
     assert Segment(None, None).split([3, 1, 3]) == [Segment(None, 1), Segment(1, 3), Segment(3, None)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=0, max_value=2**32))
+def test_each_store_is_asked_once_per_level_however_many_keys_differ(n_diff: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    source = {k: rnd.randrange(2**60) for k in range(20_000)}
+    target = dict(source)
+    for k in rnd.sample(sorted(source), n_diff):
+        target[k] += 1
+    asked = Questions()
+    diffs, stats = run(source, target, threshold=32, fanout=16, asked=asked)
+    assert len(diffs.different) == n_diff
+    # 20,000 rows cut 16-way reach 32 rows within four levels: a split and a comparison a level at most.
+    assert asked.splits <= stats.levels and asked.compares <= stats.levels <= 5
+
+
+@given(st.lists(st.integers(0, 50), unique=True, min_size=1, max_size=20), st.data())
+def test_runs_group_exactly_the_adjacent_parts(bounds: list[int], data: st.DataObject) -> None:
+    cuts = sorted(bounds)
+    parts = [Segment(a, b) for a, b in itertools.pairwise(cuts)] or [Segment(cuts[0], cuts[0] + 1)]
+    kept = [p for p in parts if data.draw(st.booleans())] or parts[:1]
+    grouped = runs(kept)
+    assert [p for _, members in grouped for p in members] == kept
+    for run_, members in grouped:
+        assert run_ == Segment(members[0].lo, members[-1].hi)
+        assert all(a.hi == b.lo for a, b in itertools.pairwise(members))
+    for (_, a), (_, b) in itertools.pairwise(grouped):
+        assert a[-1].hi != b[0].lo  # separate runs are not adjacent

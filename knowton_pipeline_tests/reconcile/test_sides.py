@@ -1,6 +1,7 @@
 """Each store's split checksums (all parts of a split in one query) equal the parts' own checksums, for
-text and integer keys, with points taken from the keys present and points between them; the full search side
-read in parallel slices answers exactly as one stream does."""
+text and integer keys, with points taken from the keys present and points between them; so do the checksums and
+rows of many scattered segments asked at once; the full search side read in parallel slices answers exactly as
+one stream does."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from knowton_pipeline_tests.helpers import insert_content, insert_user
 
 
 @pytest.mark.parametrize("name", ["User", "Content"])
-def test_split_checksums_match_the_checksums_of_each_part(
+def test_split_and_batched_checksums_and_rows_match_those_of_each_part(
     name: str,
     caught_up: None,
     apply: Callable[[], ApplyStats],
@@ -62,6 +63,18 @@ def test_split_checksums_match_the_checksums_of_each_part(
                 assert side.split_checksums(inner, [p.lo for p in inner_parts[1:]]) == [
                     side.checksum(p) for p in inner_parts
                 ], side.label
+                # Many segments at once, in runs with gaps between them (as a bisection level asks): the first
+                # part unbounded below, then every other part.
+                scattered = parts[::2]
+                assert side.checksums_of(scattered) == [side.checksum(p) for p in scattered], side.label
+                assert side.checksums_of(parts) == ahead, side.label
+                one_by_one: dict = {}
+                for part in scattered:
+                    one_by_one.update(side.rows(part))
+                assert side.rows_of(scattered) == one_by_one and one_by_one, side.label
+                assert side.rows_of(parts[1::2]) == {
+                    k: v for part in parts[1::2] for k, v in side.rows(part).items()
+                }, side.label
 
 
 @pytest.mark.parametrize("name", ["User", "Content"])

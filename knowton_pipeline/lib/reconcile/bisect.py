@@ -1,7 +1,8 @@
 """Store-agnostic bisection of key segments down to the exact differing keys (as data-diff does).
 
 The stores compute a (count, checksum sum) per key segment; only segments whose checksums differ
-are split, and only small ones are compared row by row. Split points come from the keys actually
+are split, and only small ones are compared row by row. The bisection goes level by level, and asks each store
+one question per level for all of that level's segments. Split points come from the keys actually
 present (quantiles of the side with more rows in the segment), so gaps in the key space and text
 keys need no special case.
 """
@@ -60,45 +61,56 @@ class BisectStats:
     segments_checked: int = 0
     segments_compared: int = 0
     rows_compared: int = 0  # rows that travelled to Python for the row-by-row comparison
+    levels: int = 0  # rounds of questions: each asks every store once for all its segments
+
+
+Summed = tuple[Segment, Checksum, Checksum]  # a segment with its (source, target) checksums
+
+
+def runs(parts: Sequence[Segment]) -> list[tuple[Segment, list[Segment]]]:
+    """Sorted, disjoint `parts` grouped into runs of adjacent ones: (the run's segment, its parts)."""
+    out: list[tuple[Segment, list[Segment]]] = []
+    for part in parts:
+        if out and out[-1][1][-1].hi is not None and out[-1][1][-1].hi == part.lo:
+            run, members = out[-1]
+            out[-1] = (Segment(run.lo, part.hi), [*members, part])
+        else:
+            out.append((part, [part]))
+    return out
 
 
 def find_differences(
-    root: Segment,
-    checksums: Callable[[Segment], tuple[Checksum, Checksum]],
-    split_points: Callable[[Segment, int, bool], list[Key]],
-    compare_rows: Callable[[Segment], tuple[Differences, int]],
+    root: Summed,
+    split: Callable[[Sequence[Summed]], list[list[Summed]]],
+    compare: Callable[[Sequence[Segment]], tuple[Differences, int]],
     *,
     threshold: int = 256,
-    fanout: int = 16,
 ) -> tuple[Differences, BisectStats]:
-    """Differences between source and target under `root`.
+    """Differences between source and target under `root` (a segment with both its checksums).
 
-    `checksums(seg)` returns (source, target) checksums; `split_points(seg, parts, from_target)` returns
-    up to parts-1 keys inside seg, from the target's keys when `from_target` (the side with more rows);
-    `compare_rows(seg)` compares a small segment row by row and returns the differences and the number
-    of rows it read.
+    Level by level: every segment of a level whose checksums differ is either compared row by row (at most
+    `threshold` rows on each side) or split, and all of a level's splits and all its comparisons are asked at once,
+    so a store answers one question per level however many segments differ. `split(parents)` returns each parent's
+    parts with their checksums, in key order (fewer than two: it cannot be cut, and is compared whole);
+    `compare(segments)` compares the rows of small segments and returns the differences and the rows it read.
     """
     diffs, stats = Differences(), BisectStats()
-    pending = [root]
-    while pending:
-        seg = pending.pop()
-        source, target = checksums(seg)
-        stats.segments_checked += 1
-        if source == target:
-            continue
-        if max(source.count, target.count) <= threshold:
-            found, rows = compare_rows(seg)
+    level = [root]
+    while level:
+        stats.levels += 1
+        stats.segments_checked += len(level)
+        differing = [(seg, s, t) for seg, s, t in level if s != t]
+        small = [seg for seg, s, t in differing if max(s.count, t.count) <= threshold]
+        big = [item for item in differing if max(item[1].count, item[2].count) > threshold]
+        level = []
+        for (seg, _, _), parts in zip(big, split(big) if big else [], strict=True):
+            if len(parts) < 2:
+                small.append(seg)  # one key holds it all: compare it whole
+            else:
+                level.extend(parts)
+        if small:
+            found, rows = compare(small)
             diffs.extend(found)
-            stats.segments_compared += 1
+            stats.segments_compared += len(small)
             stats.rows_compared += rows
-            continue
-        children = seg.split(split_points(seg, fanout, target.count > source.count))
-        if len(children) < 2:
-            # Cannot be cut further (one key holds it all): compare it whole.
-            found, rows = compare_rows(seg)
-            diffs.extend(found)
-            stats.segments_compared += 1
-            stats.rows_compared += rows
-            continue
-        pending.extend(reversed(children))
     return diffs, stats

@@ -1,9 +1,11 @@
 """Reconcile a PostgreSQL table with one target (a ClickHouse mirror or an Elasticsearch index).
 
 Modes:
-- `checksum`: every row. Per-day counts and checksums of the whole table, then bisection of the key
-  segments whose checksums differ, down to a row-by-row comparison of small segments. ClickHouse
-  computes its checksums from the mirror's data; Elasticsearch sums the hash the writer stored.
+- `checksum`: every row. The checksum of the whole table; when it differs, a level-by-level bisection of the key
+  segments whose checksums differ (a big table is cut at once into parts of about half the threshold, in one
+  grouped scan per store), down to a row-by-row comparison of small segments, all of a level's segments in one
+  query per store; then, only when some day's count can differ, which days' counts do. ClickHouse computes its
+  checksums from the mirror's data; Elasticsearch sums the hash the writer stored.
 - `full`: as `checksum`, and an Elasticsearch index is streamed and hashed from `_source`, so an edit
   made directly in the index is caught. (A mirror's checksum already comes from its data.)
 - `incremental`: only the keys whose updated-at falls in the window (plus a margin) on either side,
@@ -41,7 +43,15 @@ from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib import canonical
 from knowton_pipeline.lib.errors import describe_error
 from knowton_pipeline.lib.reconcile.applied import PositionUnknownError, PositionWatch, position_watch
-from knowton_pipeline.lib.reconcile.bisect import BisectStats, Checksum, Differences, Key, Segment, find_differences
+from knowton_pipeline.lib.reconcile.bisect import (
+    BisectStats,
+    Checksum,
+    Differences,
+    Key,
+    Segment,
+    Summed,
+    find_differences,
+)
 from knowton_pipeline.lib.stores import Side, TargetStore, target_store
 from knowton_pipeline.lib.stores.postgres import PostgresSide
 
@@ -76,7 +86,7 @@ class ReconcileOptions:
     mode: Mode = "checksum"
     threshold: int = 256  # segments with at most this many rows on each side are compared row by row
     fanout: int = 16  # parts per split at least; a big segment is cut into about rows / threshold parts
-    max_fanout: int = 4096  # parts per split at most (a store may allow fewer, see Side.max_parts)
+    max_fanout: int = 16384  # parts per split at most (a store may allow fewer, see Side.max_parts)
     window: timedelta = timedelta(hours=1)  # incremental: rows changed this long ago or later...
     margin: timedelta = timedelta(minutes=5)  # ...plus this much, for changes applied late
     # Re-check differences (0 reports the first pass as is); without a known position, wait this long between rounds.
@@ -188,10 +198,6 @@ class Reconciler:
         self._integer_key = table.column(table.key[0]).type in ("int", "bigint")
         self._on_progress = on_progress or (lambda _message: None)
         self._now = now or (lambda: datetime.now(UTC))
-        self._counts: dict[Segment, tuple[int, int]] = {}
-        self._root: tuple[Checksum, Checksum] | None = None
-        # Checksums of segments computed ahead, all parts of a split in one query per store.
-        self._ahead: dict[Segment, tuple[Checksum, Checksum]] = {}
         self._seen: dict[Key, Pair] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._watch, self._make_visible = watch, make_visible or (lambda: None)
@@ -211,52 +217,45 @@ class Reconciler:
         return s, t
 
     # --- the bisection's callbacks ---------------------------------------------------------------
-    def checksums(self, seg: Segment) -> tuple[Checksum, Checksum]:
-        if seg == Segment() and self._root is not None:
-            s, t = self._root
-        elif seg in self._ahead:
-            s, t = self._ahead.pop(seg)
-        else:
-            s, t = self._both(lambda: self.source.checksum(seg), lambda: self.target.checksum(seg))
-        self._counts[seg] = (s.count, t.count)
-        return s, t
+    def split(self, parents: Sequence[Summed]) -> list[list[Summed]]:
+        """Cut every parent into parts of about half the threshold; the checksums of all the parts of all the
+        parents come from one question per store."""
+        children = [seg.split(self._cut(seg, s, t)) for seg, s, t in parents]
+        flat = [part for parts in children if len(parts) > 1 for part in parts]
+        if not flat:
+            return [[] for _ in parents]
+        s, t = self._both(lambda: self.source.checksums_of(flat), lambda: self.target.checksums_of(flat))
+        sums = dict(zip(flat, zip(s, t, strict=True), strict=True))
+        return [[(part, *sums[part]) for part in parts] if len(parts) > 1 else [] for parts in children]
 
-    def split_points(self, seg: Segment, parts: int, from_target: bool) -> list[Key]:
-        """Where to cut `seg`; the checksums of the parts are computed right away, one query per store."""
-        points = self._points(seg, self._fanout(seg, parts), from_target)
-        children = seg.split(points)
-        if len(children) > 1:
-            inner = [c.lo for c in children[1:]]
-            s, t = self._both(
-                lambda: self.source.split_checksums(seg, inner), lambda: self.target.split_checksums(seg, inner)
-            )
-            self._ahead.update(zip(children, zip(s, t, strict=True), strict=True))
-        return points
-
-    def _fanout(self, seg: Segment, minimum: int) -> int:
-        """Cut a big segment straight into parts of about `threshold` rows: with sparse drift, one grouped scan
-        then isolates every differing part, instead of a scan per level of a 16-way bisection."""
-        # Parts of about half the threshold: most then need no further split before their rows are compared.
-        wanted = math.ceil(2 * max(self._counts.get(seg, (0, 0))) / self.options.threshold)
+    def _fanout(self, rows: int) -> int:
+        """Cut a big segment straight into parts of about half the threshold: with sparse drift, one grouped scan
+        then isolates every differing part, and most need no further split before their rows are compared."""
+        wanted = math.ceil(2 * rows / self.options.threshold)
         limit = min(self.options.max_fanout, self.source.max_parts, self.target.max_parts)
-        return max(minimum, min(wanted, limit))
+        return max(self.options.fanout, min(wanted, limit))
 
-    def _points(self, seg: Segment, parts: int, from_target: bool) -> list[Key]:
-        side = self.target if from_target else self.source
+    def _cut(self, seg: Segment, source: Checksum, target: Checksum) -> list[Key]:
+        """Where to cut `seg`, from the keys of the side with more rows in it."""
+        side, count = (self.target, target.count) if target.count > source.count else (self.source, source.count)
+        parts = self._fanout(max(source.count, target.count))
         if self._integer_key:
-            # Integer keys are cut arithmetically between the side's smallest and largest key: an indexed
-            # min/max instead of numbering every row of the segment. Gaps only make some parts empty.
-            bounds = side.key_bounds(seg)
-            if bounds is None:
-                return []
-            lo, hi = int(bounds[0]), int(bounds[1])
+            # Integer keys are cut arithmetically: between the bounds of a segment that has both, else between the
+            # side's smallest and largest key in it (an indexed min/max). Gaps only make some parts empty.
+            if seg.lo is not None and seg.hi is not None:
+                lo, hi = int(seg.lo), int(seg.hi) - 1
+            else:
+                bounds = side.key_bounds(seg)
+                if bounds is None:
+                    return []
+                lo, hi = int(bounds[0]), int(bounds[1])
             points = sorted({lo + (hi - lo + 1) * i // parts for i in range(1, parts)} - {lo})
             return [p for p in points if lo < p <= hi]
-        count = self._counts.get(seg, (0, 0))[1 if from_target else 0]
         return side.split_points(seg, parts, count)
 
-    def compare_rows(self, seg: Segment) -> tuple[Differences, int]:
-        source, target = self._both(lambda: self.source.rows(seg), lambda: self.target.rows(seg))
+    def compare_rows(self, segments: Sequence[Segment]) -> tuple[Differences, int]:
+        ordered = sorted(segments, key=lambda seg: (seg.lo is not None, seg.lo if seg.lo is not None else 0))
+        source, target = self._both(lambda: self.source.rows_of(ordered), lambda: self.target.rows_of(ordered))
         return self._compare(source, target), len(source) + len(target)
 
     # --- comparison ----------------------------------------------------------------------------
@@ -399,14 +398,12 @@ class Reconciler:
     # --- the run -------------------------------------------------------------------------------
     def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
         root = Segment()
-        self._root = self._both(lambda: self.source.checksum(root), lambda: self.target.checksum(root))
-        self._on_progress(
-            f"{self.table.name}: {self._root[0].count} rows in PostgreSQL, {self._root[1].count} in {self.target_name}"
-        )
+        s, t = self._both(lambda: self.source.checksum(root), lambda: self.target.checksum(root))
+        self._on_progress(f"{self.table.name}: {s.count} rows in PostgreSQL, {t.count} in {self.target_name}")
+        diffs, stats = find_differences((root, s, t), self.split, self.compare_rows, threshold=self.options.threshold)
         mismatched_days: dict[date | None, tuple[int, int]] = {}
-        if self._root[0] != self._root[1]:
-            # Only when something differs: which days' counts do (a second scan, worth it only then; equal
-            # checksums over rows that hold their creation time mean equal counts on every day).
+        if s.count != t.count or self._may_move_days(diffs):
+            # Which days' counts differ: a second scan, only when some day's count can differ at all.
             days_s, days_t = self._both(self.source.day_checksums, self.target.day_checksums)
             zero = Checksum(0, 0)
             mismatched_days = {
@@ -414,15 +411,15 @@ class Reconciler:
                 for d in days_s.keys() | days_t.keys()
                 if days_s.get(d, zero).count != days_t.get(d, zero).count
             }
-        diffs, stats = find_differences(
-            Segment(),
-            self.checksums,
-            self.split_points,
-            self.compare_rows,
-            threshold=self.options.threshold,
-            fanout=self.options.fanout,
-        )
-        return diffs, stats, self._root[0].count, self._root[1].count, mismatched_days
+        return diffs, stats, s.count, t.count, mismatched_days
+
+    def _may_move_days(self, diffs: Differences) -> bool:
+        """Whether these differences can make some day's count differ: a day is the creation time's, so only a
+        missing or extra row, or a row whose creation time differs, moves one."""
+        if diffs.missing_in_target or diffs.extra_in_target:
+            return True
+        created = self.table.created_at
+        return any(created in cols or "(row)" in cols for cols in diffs.different.values()) if created else False
 
     def _incremental_pass(self) -> tuple[Differences, BisectStats, int, int]:
         since = self._now() - self.options.window - self.options.margin

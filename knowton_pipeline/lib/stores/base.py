@@ -15,11 +15,13 @@ from typing import Any, Protocol
 
 from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib.canonical import Shape
-from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.settings import Settings
 
 # Keys per query when rows are fetched by key (the in-flight re-check, incremental mode).
 KEY_CHUNK = 2000
+# Key ranges per query when the rows or checksums of many segments are asked at once.
+RANGES_PER_QUERY = 500
 NO_DAY: date | None = None
 
 
@@ -31,7 +33,7 @@ class Side(Protocol):
     """What the reconciler asks of a store, about the live rows of one table whose key is in a segment."""
 
     label: str
-    max_parts: int  # parts one split_checksums call may ask for
+    max_parts: int  # parts one segment may be split into
 
     def day_checksums(self) -> dict[date | None, Checksum]:
         """(count, checksum) of all live rows, per UTC creation day (None when the table has no creation day)."""
@@ -41,6 +43,11 @@ class Side(Protocol):
 
     def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
         """The checksums of `seg.split(points)`'s parts in one pass (`points` sorted, inside `seg`, above its lo)."""
+        ...
+
+    def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
+        """The checksums of sorted, disjoint `parts` (the parts of every segment split at one level), in one pass
+        where the store can."""
         ...
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
@@ -53,6 +60,11 @@ class Side(Protocol):
 
     def rows(self, seg: Segment) -> dict[Key, str]:
         """Key -> canonical string of every live row in `seg`."""
+        ...
+
+    def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
+        """Key -> canonical string of every live row in any of sorted, disjoint `segments`, in one query where the
+        store can."""
         ...
 
     def rows_for_keys(self, keys: Sequence[Key]) -> dict[Key, str]:
@@ -73,6 +85,24 @@ def single_key(table: SyncedTable) -> str:
 def chunks(keys: Sequence[Key], size: int = KEY_CHUNK) -> Iterator[list[Key]]:
     for i in range(0, len(keys), size):
         yield list(keys[i : i + size])
+
+
+def checksums_by_runs(side: Side, parts: Sequence[Segment]) -> list[Checksum]:
+    """`Side.checksums_of` for a store that splits one segment at a time: one split per run of adjacent parts."""
+    out: list[Checksum] = []
+    for _, members in runs(parts):
+        for piece in chunks(members, side.max_parts):
+            run = Segment(piece[0].lo, piece[-1].hi)
+            out += [side.checksum(run)] if len(piece) == 1 else side.split_checksums(run, [p.lo for p in piece[1:]])
+    return out
+
+
+def rows_by_runs(side: Side, segments: Sequence[Segment]) -> dict[Key, str]:
+    """`Side.rows_of` for a store that reads one segment at a time: one read per run of adjacent segments."""
+    out: dict[Key, str] = {}
+    for run, _ in runs(segments):
+        out.update(side.rows(run))
+    return out
 
 
 def buckets(rows: Sequence[Sequence[Any]], parts: int) -> list[Checksum]:

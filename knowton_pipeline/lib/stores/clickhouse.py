@@ -22,10 +22,11 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from knowton_pipeline.catalog import CLICKHOUSE_DATABASE, TABLES, Column, SyncedTable
 from knowton_pipeline.lib import clickhouse as clickhouse_client
 from knowton_pipeline.lib.canonical import HASH_MASK, Shape, key_columns, plan, segment_parameters
-from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
 from knowton_pipeline.lib.stores.base import (
+    RANGES_PER_QUERY,
     Prepared,
     Side,
     StoreRefusedError,
@@ -198,8 +199,10 @@ class ClickHouseSide:
         self.ch, self.table, self.database = client, table, database
         key = single_key(table)
         self.label = "clickhouse"
-        # arrayCount compares each row with every point (PostgreSQL's width_bucket searches): keep splits small.
-        self.max_parts = 256
+        self._integer = table.column(key).type in ("int", "bigint")
+        # An integer key finds its part by binary search (roundDown); a text key compares itself with every
+        # part's lower bound (arrayCount): keep those splits small.
+        self.max_parts = 16384 if self._integer else 256
         self._key = backtick(table.column(key).target_name)
         self._key_type = CH_KEY_TYPES[table.column(key).type]
         self._mirror = f"{backtick(database)}.{backtick(table.clickhouse_table)}"
@@ -224,13 +227,62 @@ class ClickHouseSide:
         return Checksum(count, total)
 
     def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
-        query = (
-            f"SELECT arrayCount(p -> p <= {self._key}, {{points:Array({self._key_type})}}) AS b, count(), "
-            f"sum(toUInt128({hash_sql(self.table)})) FROM {self._mirror} FINAL "
-            f"WHERE {self._where(seg)} GROUP BY b"
-        )
-        params = {**segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
-        return buckets(self.ch.query(query, parameters=params).result_rows, len(points) + 1)
+        return self.checksums_of(seg.split(points))
+
+    def _runs(self, batch: Sequence[tuple[Segment, list[Segment]]]) -> tuple[str, dict[str, Any]]:
+        """A condition matching the live rows whose key is in any of `batch`'s runs, and its parameters."""
+        conditions: list[str] = []
+        params: dict[str, Any] = {}
+        for i, (run, _) in enumerate(batch):
+            bounds = []
+            for name, value, op in ((f"lo{i}", run.lo, ">="), (f"hi{i}", run.hi, "<")):
+                if value is not None:
+                    bounds.append(f"{self._key} {op} {{{name}:{self._key_type}}}")
+                    params[name] = value
+            conditions.append(f"({' AND '.join(bounds)})" if bounds else "1")
+        return f"{self._where(Segment())} AND ({' OR '.join(conditions)})", params
+
+    def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
+        out: list[Checksum] = []
+        for batch in chunks(parts, self.max_parts):
+            if len(batch) == 1:
+                out.append(self.checksum(batch[0]))
+                continue
+            starts = [p.lo for p in batch if p.lo is not None]
+            shift = 0 if batch[0].lo is None else 1
+            if self._integer:
+                # roundDown gives the greatest start at or below the key (by binary search); below every start, the
+                # first. A part without a lower bound (only ever first) starts at the type's smallest value.
+                floor = -(2 ** (31 if self._key_type == "Int32" else 63))
+                bounds = [floor, *starts] if shift == 0 else starts
+                bucket = f"roundDown({self._key}, {{starts:Array({self._key_type})}})"
+                index = {start: i for i, start in enumerate(bounds)}
+            else:
+                bounds = starts
+                bucket = f"arrayCount(p -> p <= {self._key}, {{starts:Array({self._key_type})}}) - {shift}"
+                index = None
+            totals = [Checksum(0, 0)] * len(batch)
+            for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
+                where, params = self._runs(group)
+                query = (
+                    f"SELECT {bucket} AS b, count(), sum(toUInt128({hash_sql(self.table)})) "
+                    f"FROM {self._mirror} FINAL WHERE {where} GROUP BY b"
+                )
+                rows = self.ch.query(query, parameters={**params, "starts": bounds}).result_rows
+                if index is not None:
+                    rows = [(index[r[0]], r[1], r[2]) for r in rows]
+                found = buckets(rows, len(batch))
+                totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found, strict=True)]
+            out.extend(totals)
+        return out
+
+    def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
+        out: dict[Key, str] = {}
+        for group in chunks(runs(segments), RANGES_PER_QUERY):
+            where, params = self._runs(group)
+            query = f"SELECT {self._key}, {canonical_sql(self.table)} FROM {self._mirror} FINAL WHERE {where}"
+            out.update({r[0]: r[1] for r in self.ch.query(query, parameters=params).result_rows})
+        return out
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         query = f"SELECT min({self._key}), max({self._key}), count() FROM {self._mirror} FINAL WHERE {self._where(seg)}"

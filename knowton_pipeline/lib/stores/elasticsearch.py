@@ -32,17 +32,19 @@ from elasticsearch import helpers as es_helpers
 
 from knowton_pipeline.catalog import TABLES, Column, SyncedTable
 from knowton_pipeline.lib.canonical import INVALID, SEPARATOR, Field, Shape, plan, row_hash, spell
-from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import SQL_ROOT, read_json
 from knowton_pipeline.lib.stores.base import (
     NO_DAY,
+    RANGES_PER_QUERY,
     Prepared,
     Side,
     StoreRefusedError,
     TransientStoreError,
     WriteItem,
     WriteOutcome,
+    checksums_by_runs,
     chunks,
     no_updated_at,
     single_key,
@@ -315,6 +317,25 @@ class _IndexSide:
         query = es_segment_query(self.table, seg.lo, seg.hi)
         return {s[self.key_field]: canonical_from_es_source(self.table, s) for s in self.stream(query)}
 
+    def _in_runs(self, segments: Sequence[Segment]) -> dict[str, Any]:
+        """A query for the live documents whose key is in any of `segments`' runs (a `should` of key ranges)."""
+        query = es_segment_query(self.table)
+        ranges = [es_segment_query(self.table, run.lo, run.hi)["bool"]["filter"] for run, _ in runs(segments)]
+        if all(ranges):  # an unbounded run covers every key: no range to add
+            should = [r[0] for r in ranges]
+            query["bool"]["filter"].append({"bool": {"should": should, "minimum_should_match": 1}})
+        return query
+
+    def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
+        out: dict[Key, str] = {}
+        for batch in chunks(segments, RANGES_PER_QUERY):
+            for source in self.stream(self._in_runs(batch)):
+                out[source[self.key_field]] = canonical_from_es_source(self.table, source)
+        return out
+
+    def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
+        return checksums_by_runs(self, parts)  # type: ignore[arg-type]
+
     def rows_for_keys(self, keys: Sequence[Key]) -> dict[Key, str]:
         out: dict[Key, str] = {}
         for chunk in chunks(keys):
@@ -389,21 +410,27 @@ class StoredHashSide(_IndexSide):
         return self._from_sums(response["aggregations"], response["hits"]["total"]["value"])
 
     def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
-        parts = seg.split(points)
-        filters = {
-            str(i): es_segment_query(self.table, part.lo, part.hi)["bool"]["filter"][0]
-            if part.lo is not None or part.hi is not None
-            else {"match_all": {}}
-            for i, part in enumerate(parts)
-        }
-        response = self.es.search(
-            index=self.index,
-            size=0,
-            query=es_segment_query(self.table, seg.lo, seg.hi),
-            aggs={"parts": {"filters": {"filters": filters}, "aggs": self._hash_sums()}},
-        )
-        buckets = response["aggregations"]["parts"]["buckets"]
-        return [self._from_sums(buckets[str(i)], buckets[str(i)]["doc_count"]) for i in range(len(parts))]
+        return self.checksums_of(seg.split(points))
+
+    def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
+        """A filters aggregation of up to `max_parts` parts per request, over the runs they make up."""
+        out: list[Checksum] = []
+        for batch in chunks(parts, self.max_parts):
+            filters = {
+                str(i): es_segment_query(self.table, part.lo, part.hi)["bool"]["filter"][0]
+                if part.lo is not None or part.hi is not None
+                else {"match_all": {}}
+                for i, part in enumerate(batch)
+            }
+            response = self.es.search(
+                index=self.index,
+                size=0,
+                query=self._in_runs(batch),
+                aggs={"parts": {"filters": {"filters": filters}, "aggs": self._hash_sums()}},
+            )
+            found = response["aggregations"]["parts"]["buckets"]
+            out += [self._from_sums(found[str(i)], found[str(i)]["doc_count"]) for i in range(len(batch))]
+        return out
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         query = es_segment_query(self.table, seg.lo, seg.hi)

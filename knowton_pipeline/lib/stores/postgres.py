@@ -15,12 +15,20 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from knowton_pipeline.catalog import Column, DerivedField, SyncedTable
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.canonical import Shape, key_columns, plan, segment_parameters
-from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment
-from knowton_pipeline.lib.stores.base import buckets, chunks, no_updated_at, single_key, sum_by_day
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
+from knowton_pipeline.lib.stores.base import (
+    RANGES_PER_QUERY,
+    buckets,
+    chunks,
+    no_updated_at,
+    single_key,
+    sum_by_day,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # PostgreSQL spellings: expressions over `alias.column`. E'' literals mean the same whatever
@@ -258,8 +266,9 @@ class PostgresSide:
         self.conn, self.table, self.shape = conn, table, shape
         self.key = single_key(table)
         self.label = "postgresql"
-        self.max_parts = 4096
+        self.max_parts = 16384  # width_bucket finds a key's part by binary search
         self._rel = sql.Identifier(table.schema, table.name)
+        self._key_type = sql.SQL(PG_KEY_TYPES[table.column(self.key).type])
         self._key_expr = sql.SQL('t.{} COLLATE "C"' if table.column(self.key).type == "text" else "t.{}").format(
             sql.Identifier(self.key)
         )
@@ -283,19 +292,80 @@ class PostgresSide:
         return Checksum(count, total)
 
     def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
-        # width_bucket counts the points at or below the key, compared in the key's (byte) collation.
-        query = sql.SQL(
-            "SELECT width_bucket({k}, %(points)s::{array}) AS b, count(*), coalesce(sum({hash}), 0) "
-            "FROM {rel} AS t WHERE {range} GROUP BY b"
-        ).format(
-            k=self._key_expr,
-            array=sql.SQL(PG_KEY_TYPES[self.table.column(self.key).type] + "[]"),
-            hash=hash_sql(self.table, "t", shape=self.shape),
-            rel=self._rel,
-            range=self._range(seg),
-        )
-        params = {**segment_parameters(self.table, seg.lo, seg.hi), "points": list(points)}
-        return buckets(self.conn.execute(query, params).fetchall(), len(points) + 1)
+        return self.checksums_of(seg.split(points))
+
+    def _runs(self, batch: Sequence[tuple[Segment, list[Segment]]]) -> tuple[sql.Composable, dict[str, Any]]:
+        """A condition matching the keys in any of `batch`'s runs, and its parameters."""
+        conditions: list[sql.Composable] = []
+        params: dict[str, Any] = {}
+        for i, (run, _) in enumerate(batch):
+            bounds: list[sql.Composable] = []
+            for name, value, op in ((f"lo{i}", run.lo, ">="), (f"hi{i}", run.hi, "<")):
+                if value is not None:
+                    bounds.append(
+                        sql.SQL("{} {} {}::{}").format(
+                            self._key_expr, sql.SQL(op), sql.Placeholder(name), self._key_type
+                        )
+                    )
+                    params[name] = value
+            conditions.append(sql.SQL("({})").format(sql.SQL(" AND ").join(bounds)) if bounds else sql.SQL("true"))
+        return sql.SQL(" OR ").join(conditions), params
+
+    def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
+        # width_bucket counts the parts' lower bounds at or below the key (bytes order for text). A part without
+        # a lower bound can only come first: its keys fall in bucket 0.
+        out: list[Checksum] = []
+        for batch in chunks(parts, self.max_parts):
+            starts = [p.lo for p in batch if p.lo is not None]
+            if not starts:
+                out.append(self.checksum(batch[0]))
+                continue
+            shift = 0 if batch[0].lo is None else 1
+            totals = [Checksum(0, 0)] * len(batch)
+            for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
+                where, params = self._runs(group)
+                query = sql.SQL(
+                    "SELECT width_bucket({k}, %(starts)s::{type}[]) - {shift} AS b, count(*), "
+                    "coalesce(sum({hash}), 0) FROM {rel} AS t WHERE {where} GROUP BY b"
+                ).format(
+                    k=self._key_expr,
+                    type=self._key_type,
+                    shift=sql.Literal(shift),
+                    hash=hash_sql(self.table, "t", shape=self.shape),
+                    rel=self._rel,
+                    where=where,
+                )
+                found = buckets(self._grouped(query, {**params, "starts": starts}), len(batch))
+                totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found, strict=True)]
+            out.extend(totals)
+        return out
+
+    def _grouped(self, query: sql.Composable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """A grouped checksum query, aggregated in parallel workers by hash (a sort of every row would cost a
+        third of the scan again)."""
+        settings = ("enable_sort", "parallel_setup_cost", "parallel_tuple_cost")
+        self.conn.execute("SET enable_sort = off")
+        self.conn.execute("SET parallel_setup_cost = 0")
+        self.conn.execute("SET parallel_tuple_cost = 0")
+        try:
+            return self.conn.execute(query, params).fetchall()
+        finally:
+            if self.conn.info.transaction_status in (TransactionStatus.IDLE, TransactionStatus.INTRANS):
+                for name in settings:
+                    self.conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
+
+    def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
+        out: dict[Key, str] = {}
+        for group in chunks(runs(segments), RANGES_PER_QUERY):
+            where, params = self._runs(group)
+            query = sql.SQL("SELECT t.{key}, {canonical} FROM {rel} AS t WHERE {where}").format(
+                key=sql.Identifier(self.key),
+                canonical=canonical_sql(self.table, "t", shape=self.shape),
+                rel=self._rel,
+                where=where,
+            )
+            out.update({r[0]: r[1] for r in self.conn.execute(query, params).fetchall()})
+        return out
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
         query = sql.SQL("SELECT min({k}), max({k}) FROM {rel} AS t WHERE {range}").format(
