@@ -38,6 +38,7 @@ from knowton_pipeline.lib.canonical import (
 )
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.clickhouse import segment_checksum as clickhouse_segment_checksum
 from knowton_pipeline.lib.stores.clickhouse import segment_rows_sql as clickhouse_segment_rows_sql
 from knowton_pipeline.lib.stores.elasticsearch import (
@@ -48,6 +49,7 @@ from knowton_pipeline.lib.stores.elasticsearch import (
     row_from_es_source,
 )
 from knowton_pipeline.lib.stores.postgres import derived_sql as postgres_derived_sql
+from knowton_pipeline.lib.stores.postgres import mirror_rows_copy_sql
 from knowton_pipeline.lib.stores.postgres import segment_checksum as postgres_segment_checksum
 from knowton_pipeline.lib.stores.postgres import segment_rows_sql as postgres_segment_rows_sql
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
@@ -103,6 +105,7 @@ class Scratch:
     ch_database: str
     pg_tables: dict[str, sql.Identifier]
     es_indices: dict[str, str]
+    ch_copy_database: str  # mirrors written by the backfill's column-wise way, from the PostgreSQL rows
     # Stand-ins for the tables derived fields are computed from (apart from pg_tables: their rows are drawn
     # to match the batch's rows).
     sources: dict[str, sql.Identifier] = field(default_factory=dict)
@@ -116,8 +119,9 @@ class Scratch:
 def scratch(stack: Stack, settings: Settings) -> Iterator[Scratch]:
     run = uuid.uuid4().hex[:10]
     ch = clickhouse.get_client(settings.clickhouse_dsn)
-    ch_database = f"canon_{run}"
-    clickhouse.run_script(ch, read_sql("clickhouse", "mirrors.sql").replace("knowton", ch_database))
+    ch_database, ch_copy_database = f"canon_{run}", f"canon_copy_{run}"
+    for database in (ch_database, ch_copy_database):
+        clickhouse.run_script(ch, read_sql("clickhouse", "mirrors.sql").replace("knowton", database))
     es = Elasticsearch(settings.es_url, request_timeout=30)
     pg = psycopg.connect(**settings.pg_conninfo(), autocommit=True)  # type: ignore[arg-type]
     pg_tables: dict[str, sql.Identifier] = {}
@@ -145,13 +149,14 @@ def scratch(stack: Stack, settings: Settings) -> Iterator[Scratch]:
                 index = f"{synced.elasticsearch_index}-canon-{run}"
                 es.indices.create(index=index)  # the real template's strict mapping applies
                 es_indices[synced.name] = index
-        yield Scratch(pg, ch, es, ch_database, pg_tables, es_indices, sources)
+        yield Scratch(pg, ch, es, ch_database, pg_tables, es_indices, ch_copy_database, sources)
     finally:
         for name in [*pg_tables.values(), *sources.values()]:
             pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
         for index in es_indices.values():
             es.indices.delete(index=index, ignore_unavailable=True)
         ch.command(f"DROP DATABASE IF EXISTS {ch_database}")
+        ch.command(f"DROP DATABASE IF EXISTS {ch_copy_database}")
         pg.close()
         es.close()
 
@@ -307,10 +312,23 @@ def postgres_python_rows(scratch: Scratch, synced: SyncedTable) -> list[dict[str
         return cur.fetchall()
 
 
-def clickhouse_rows(scratch: Scratch, synced: SyncedTable) -> dict[tuple, tuple[str, int]]:
-    query = clickhouse_segment_rows_sql(synced, database=scratch.ch_database, lower_bound=False, upper_bound=False)
+def clickhouse_rows(scratch: Scratch, synced: SyncedTable, database: str | None = None) -> dict[tuple, tuple[str, int]]:
+    query = clickhouse_segment_rows_sql(
+        synced, database=database or scratch.ch_database, lower_bound=False, upper_bound=False
+    )
     n = len(synced.key)
     return {tuple(r[:n]): (r[n], r[n + 1]) for r in scratch.ch.query(query).result_rows}
+
+
+def copy_into_mirror(scratch: Scratch, synced: SyncedTable) -> dict[tuple, tuple[str, int]]:
+    """The PostgreSQL rows written to a mirror the backfill's column-wise way (PostgreSQL spells each row as the
+    mirror's JSON in a COPY, ClickHouse parses them), read back as canonical rows and hashes."""
+    scratch.ch.command(f"TRUNCATE TABLE {scratch.ch_copy_database}.{synced.clickhouse_table}")
+    copy_sql = mirror_rows_copy_sql(synced, sql.SQL("true"), 7, relation=scratch.relation(synced))
+    with scratch.pg.cursor() as cur, cur.copy(copy_sql) as copy:
+        block = b"".join(bytes(line) for line in copy)
+    assert ClickHouseWriter(scratch.ch, database=scratch.ch_copy_database).insert_json_rows(synced, block)
+    return clickhouse_rows(scratch, synced, scratch.ch_copy_database)
 
 
 def es_sources(scratch: Scratch, synced: SyncedTable, query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -348,6 +366,10 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
     hashes = {k: row_hash(v) for k, v in python.items()}
     assert {k: v[1] for k, v in pg.items()} == hashes
     assert {k: v[1] for k, v in ch.items()} == hashes
+    # A backfill writes the mirror column-wise: the very rows the row-by-row transform writes.
+    copied = copy_into_mirror(scratch, synced)
+    assert_same({k: v[0] for k, v in ch.items()}, clickhouse_copied={k: v[0] for k, v in copied.items()})
+    assert {k: v[1] for k, v in copied.items()} == hashes
 
     # The search document's canonical rows: its columns and derived fields, as enriched rows hold them.
     enriched = [{**r, **enrichment[key_of(synced, r)]} for r in live]

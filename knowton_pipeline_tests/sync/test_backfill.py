@@ -22,7 +22,7 @@ from knowton_pipeline.lib.stores import Prepared, WriteItem, WriteOutcome
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline.lib.sync.backfill import backfill_range
+from knowton_pipeline.lib.sync.backfill import BackfillError, backfill_range
 from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user, wait_for_cdc
 
 USER = table("User")
@@ -39,6 +39,15 @@ class RacingWriter:
     def __init__(self, inner: ClickHouseWriter | ElasticsearchWriter, race: Callable[[], Any]):
         self.inner, self.race, self.raced = inner, race, False
         self.enriched_rows = inner.enriched_rows
+        if isinstance(inner, ClickHouseWriter):  # a mirror's backfill sends PostgreSQL's JSON rows
+            self.insert_json_rows = self._insert_json_rows
+
+    def _insert_json_rows(self, t: Any, block: bytes) -> bool:
+        if not self.raced:
+            self.raced = True
+            self.race()
+        assert isinstance(self.inner, ClickHouseWriter)
+        return self.inner.insert_json_rows(t, block)
 
     def prepare(self, items: Sequence[WriteItem]) -> Prepared:
         return self.inner.prepare(items)
@@ -167,3 +176,33 @@ def test_a_backfill_holding_the_embedded_engine_gives_the_clickhouse_sink_its_tu
     assert event.materialization.metadata["sink_turns"].value >= 1
     assert event.materialization.metadata["cdc_events_applied_meanwhile"].value >= 1
     assert ch_row(ch, "users", "address = {a:String}", {"a": address})["reputation"] == 2  # type: ignore[index]
+
+
+def test_a_mirror_block_clickhouse_refuses_is_written_row_by_row_and_only_the_row_at_fault_is_reported(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+) -> None:
+    creator = insert_user(pg)
+    good = [insert_content(pg, creator, title=f"bf-good-{i}") for i in range(3)]
+    bad = insert_content(pg, creator, title="bf-bad")
+    # A NULL inside tags: PostgreSQL holds it, the mirror's transform refuses it (a text[] of strings).
+    pg.execute('UPDATE "Content" SET tags = %s WHERE id = %s', (["a", None], bad))
+    try:
+        # Not applied: only the backfill can bring these rows. Blocks of two rows, so the bad row's block most
+        # likely holds a good one too, written the row-by-row way.
+        with (
+            psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
+            pytest.raises(BackfillError) as refused,
+        ):
+            backfill_range(conn, table("Content"), *today(), ClickHouseWriter(ch), chunk=2)
+        assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(
+            refused.value
+        )
+        for key in good:
+            assert ch_row(ch, "contents", "id = {i:Int64}", {"i": key})["title"] == f"bf-good-{good.index(key)}"  # type: ignore[index]
+    finally:
+        pg.execute('DELETE FROM "Content" WHERE id = %s', (bad,))
+        apply()

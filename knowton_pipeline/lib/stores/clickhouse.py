@@ -107,6 +107,16 @@ def _clickhouse_spelling(column: Column) -> Callable[[str], str]:
 CH_KEY_TYPES = {"text": "String", "int": "Int32", "bigint": "Int64"}
 
 
+# Parts per query when a key is compared with every part's start (text starts sharing their first 8 bytes).
+LINEAR_PARTS = 256
+
+
+def text_prefix(key: str) -> int:
+    """The first 8 bytes of a text key (UTF-8, padded with zero bytes) as a big-endian number: never decreasing
+    with the key in byte order; ClickHouse computes the same from a String in `ClickHouseSide._search`."""
+    return int.from_bytes(key.encode()[:8].ljust(8, b"\0"), "big")
+
+
 def backtick(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
@@ -200,9 +210,7 @@ class ClickHouseSide:
         key = single_key(table)
         self.label = "clickhouse"
         self._integer = table.column(key).type in ("int", "bigint")
-        # An integer key finds its part by binary search (roundDown); a text key compares itself with every
-        # part's lower bound (arrayCount): keep those splits small.
-        self.max_parts = 16384 if self._integer else 256
+        self.max_parts = 16384  # a key finds its part by binary search (see _search)
         self._key = backtick(table.column(key).target_name)
         self._key_type = CH_KEY_TYPES[table.column(key).type]
         self._mirror = f"{backtick(database)}.{backtick(table.clickhouse_table)}"
@@ -248,33 +256,64 @@ class ClickHouseSide:
             if len(batch) == 1:
                 out.append(self.checksum(batch[0]))
                 continue
-            starts = [p.lo for p in batch if p.lo is not None]
-            shift = 0 if batch[0].lo is None else 1
-            if self._integer:
-                # roundDown gives the greatest start at or below the key (by binary search); below every start, the
-                # first. A part without a lower bound (only ever first) starts at the type's smallest value.
-                floor = -(2 ** (31 if self._key_type == "Int32" else 63))
-                bounds = [floor, *starts] if shift == 0 else starts
-                bucket = f"roundDown({self._key}, {{starts:Array({self._key_type})}})"
-                index = {start: i for i, start in enumerate(bounds)}
-            else:
-                bounds = starts
-                bucket = f"arrayCount(p -> p <= {self._key}, {{starts:Array({self._key_type})}}) - {shift}"
-                index = None
-            totals = [Checksum(0, 0)] * len(batch)
-            for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
-                where, params = self._runs(group)
-                query = (
-                    f"SELECT {bucket} AS b, count(), sum(toUInt128({hash_sql(self.table)})) "
-                    f"FROM {self._mirror} FINAL WHERE {where} GROUP BY b"
-                )
-                rows = self.ch.query(query, parameters={**params, "starts": bounds}).result_rows
-                if index is not None:
-                    rows = [(index[r[0]], r[1], r[2]) for r in rows]
-                found = buckets(rows, len(batch))
-                totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found, strict=True)]
-            out.extend(totals)
+            found = self._search(batch)
+            if found is not None:
+                out += self._sums(batch, *found)
+            else:  # text starts that share their first 8 bytes: each key is compared with every start, 256 at a time
+                for piece in chunks(batch, LINEAR_PARTS):
+                    out += self._sums(piece, *self._linear(piece))
         return out
+
+    def _search(self, batch: Sequence[Segment]) -> tuple[str, dict[str, Any], dict[Any, int] | None] | None:
+        """How a row finds its part among `batch` by binary search: a bucket expression, its parameters and the
+        part of each bucket value (None: the value is the part). None when it cannot (see below)."""
+        starts = [p.lo for p in batch if p.lo is not None]
+        shift = 0 if batch[0].lo is None else 1
+        if self._integer:
+            # roundDown gives the greatest start at or below the key (by binary search); below every start, the
+            # first. A part without a lower bound (only ever first) starts at the type's smallest value.
+            floor = -(2 ** (31 if self._key_type == "Int32" else 63))
+            bounds = [floor, *starts] if shift == 0 else starts
+            bucket = f"roundDown({self._key}, {{starts:Array({self._key_type})}})"
+            return bucket, {"starts": bounds}, {start: i for i, start in enumerate(bounds)}
+        # Text: the first 8 bytes of a key, as a big-endian number, never decrease with the key (byte order). When
+        # the starts' prefixes are distinct, the start with the greatest prefix at or below the key's (roundDown)
+        # is the greatest start at or below the key, unless it is above the key itself: then the one before it.
+        prefixes = [text_prefix(start) for start in starts]
+        if len(set(prefixes)) != len(prefixes):
+            return None
+        key_prefix = f"reinterpretAsUInt64(reverse(rightPad(substring({self._key}, 1, 8), 8, '\\0')))"
+        found = f"roundDown({key_prefix}, {{prefixes:Array(UInt64)}})"
+        at = f"transform({found}, {{prefixes:Array(UInt64)}}, {{numbers:Array(UInt32)}}, toUInt32(0))"
+        bucket = f"if({self._key} >= arrayElement({{starts:Array(String)}}, {at}), {at}, {at} - 1) - {shift}"
+        params = {"prefixes": prefixes, "numbers": list(range(1, len(starts) + 1)), "starts": starts}
+        return bucket, params, None
+
+    def _linear(self, batch: Sequence[Segment]) -> tuple[str, dict[str, Any], None]:
+        starts = [p.lo for p in batch if p.lo is not None]
+        shift = 0 if batch[0].lo is None else 1
+        return (
+            f"arrayCount(p -> p <= {self._key}, {{starts:Array({self._key_type})}}) - {shift}",
+            {"starts": starts},
+            None,
+        )
+
+    def _sums(
+        self, batch: Sequence[Segment], bucket: str, bucket_params: dict[str, Any], index: dict[Any, int] | None
+    ) -> list[Checksum]:
+        totals = [Checksum(0, 0)] * len(batch)
+        for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
+            where, params = self._runs(group)
+            query = (
+                f"SELECT {bucket} AS b, count(), sum(toUInt128({hash_sql(self.table)})) "
+                f"FROM {self._mirror} FINAL WHERE {where} GROUP BY b"
+            )
+            rows = self.ch.query(query, parameters={**params, **bucket_params}).result_rows
+            if index is not None:
+                rows = [(index[r[0]], r[1], r[2]) for r in rows]
+            found = buckets(rows, len(batch))
+            totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found, strict=True)]
+        return totals
 
     def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
         out: dict[Key, str] = {}
@@ -400,6 +439,22 @@ class ClickHouseWriter:
     def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
         return self.send(self.prepare(items))
 
+    def insert_json_rows(self, table: SyncedTable, block: bytes) -> bool:
+        """Insert mirror rows already spelled as JSON lines (`postgres.mirror_rows_copy_sql`), parsed by ClickHouse.
+        False when it refused the block (a value it would not take): those rows are the row-by-row way's to write,
+        where the ones at fault are isolated. A store that is down raises `TransientStoreError`."""
+        target = f"{self.database}.{table.clickhouse_table}"
+        strict = {"input_format_null_as_default": 0, "input_format_skip_unknown_fields": 0}
+        try:
+            self.client.raw_insert(
+                target, clickhouse_columns(table), insert_block=block, settings=strict, fmt="JSONEachRow"
+            )
+        except Exception as exc:
+            if _is_transient_clickhouse(exc):
+                raise _clickhouse_store_error(target, exc) from exc
+            return False
+        return True
+
     def truncate(self, table: SyncedTable, version: int) -> int:
         """Every live row of the mirror older than `version` becomes a tombstone at `version` (a TRUNCATE)."""
         target = f"{self.database}.{table.clickhouse_table}"
@@ -419,11 +474,12 @@ class ClickHouseWriter:
         by_table: dict[str, list[tuple[WriteItem, list[Any]]]] = defaultdict(list)
         for item in items:
             try:
-                by_table[item.table.name].append(
-                    (item, to_clickhouse_row(item.table, item.row, version=item.version, deleted=item.deleted))
-                )
+                row = to_clickhouse_row(item.table, item.row, version=item.version, deleted=item.deleted)
             except (ValueError, TypeError, KeyError) as exc:
                 out.poison.append((item, exc))
+                continue
+            # (Only after the transform: a table whose every row is refused must leave no empty batch to send.)
+            by_table[item.table.name].append((item, row))
         return Prepared(out, by_table)
 
     def send(self, prepared: Prepared) -> WriteOutcome:

@@ -187,6 +187,41 @@ def segment_rows_sql(
     )
 
 
+def mirror_rows_copy_sql(
+    table: SyncedTable, where: sql.Composable, version: int, *, relation: sql.Composable | None = None
+) -> sql.Composed:
+    """A COPY that writes each row of `table` matching `where` (alias `t`) as one line of JSON: the ClickHouse mirror
+    row, versioned at `version`, as `transform.to_clickhouse_row` spells it (JSONEachRow). A value that transform
+    refuses (a numeric with more digits than its scale, a text[] holding NULL or nested) is spelled as a string
+    ClickHouse refuses in its place, so the row goes the row-by-row way and meets the same error there.
+
+    The CSV quote and delimiter are bytes JSON text never holds raw, so each line is the JSON as built."""
+    refused = sql.SQL("to_json('refused by the mirror transform'::text)")
+    pairs: list[sql.Composable] = []
+    for c in table.columns:
+        v = sql.SQL("t.{}").format(sql.Identifier(c.name))
+        if c.type == "numeric":
+            exact = sql.SQL("round({v}, {s})").format(v=v, s=sql.Literal(c.scale or 0))
+            value = sql.SQL("CASE WHEN {v} IS NULL THEN NULL WHEN {v} = {exact} THEN to_json({exact}) ELSE {r} END")
+            value = value.format(v=v, exact=exact, r=refused)
+        elif c.type == "timestamptz":
+            value = sql.SQL("to_json(to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'))").format(v)
+        elif c.type == "text[]":
+            value = sql.SQL(
+                "CASE WHEN array_position({v}, NULL) IS NOT NULL OR array_ndims({v}) > 1 THEN {r} ELSE to_json({v}) END"
+            ).format(v=v, r=refused)
+        elif c.type == "jsonb":
+            value = sql.SQL("to_json(ops.canonical_jsonb({}))").format(v)
+        else:  # text, int, bigint, bool: JSON spells them as ClickHouse reads them
+            value = sql.SQL("to_json({})").format(v)
+        pairs += [sql.Literal(c.target_name), value]
+    pairs += [sql.Literal("version"), sql.Literal(version), sql.Literal("is_deleted"), sql.Literal(0)]
+    return sql.SQL(
+        "COPY (SELECT json_build_object({pairs}) FROM {rel} AS t WHERE {where}) "
+        "TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+    ).format(pairs=sql.SQL(", ").join(pairs), rel=_relation(table, relation), where=where)
+
+
 def segment_checksum(
     conn: psycopg.Connection,
     table: SyncedTable,
