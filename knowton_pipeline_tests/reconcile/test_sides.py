@@ -5,7 +5,9 @@ one stream does."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,7 +15,8 @@ from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
 
 from knowton_pipeline.catalog import table
-from knowton_pipeline.lib.reconcile.bisect import Segment
+from knowton_pipeline.lib.canonical import row_hash
+from knowton_pipeline.lib.reconcile.bisect import Checksum, Segment
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.stores import Side
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
@@ -104,3 +107,49 @@ def test_the_full_search_side_hashed_in_parallel_slices_answers_as_one_stream_do
     assert sliced.split_points(Segment(), 7, whole.count) == points
     assert sliced.split_checksums(Segment(), points) == one.split_checksums(Segment(), points)
     assert sliced._hashed == whole.count, "every document was hashed once, by one of the workers"
+
+
+def expected_checksums(rows: dict[Any, str], parts: list[Segment]) -> list[Checksum]:
+    """Per-part checksums computed in Python from a side's canonical rows (str order is UTF-8 byte order)."""
+    sums = [Checksum(0, 0)] * len(parts)
+    starts = [p.lo for p in parts[1:]]
+    for key, canonical in rows.items():
+        i = bisect.bisect_right(starts, key)
+        sums[i] = Checksum(sums[i].count + 1, sums[i].total + row_hash(canonical))
+    return sums
+
+
+def test_many_text_parts_are_found_by_binary_search_exactly_as_one_by_one(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+    es: Elasticsearch,
+) -> None:
+    for _ in range(20):
+        insert_user(pg)
+    apply()
+    t = table("User")
+    # Over 256 parts of User's text keys: short starts (at most 8 bytes, one with a two-byte character) that the
+    # stores search by their first 8 bytes, and long starts sharing them, which the stores compare one by one.
+    short = sorted({*(f"0x{i:03x}" for i in range(0, 4096, 13)), "0x8é", "0x"})
+    long_ = sorted({f"0x{i:02x}{'0' * 8}{j}" for i in range(0, 256, 2) for j in (1, 5, 9)})
+    with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        sides: list[Side] = [
+            PostgresSide(conn, t, shape="mirror"),
+            ClickHouseSide(ch, t),
+            PostgresSide(conn, t, shape="document"),
+            StoredHashSide(es, t),
+        ]
+        for side in sides:
+            rows = side.rows(Segment())
+            assert len(rows) >= 20, side.label
+            for starts in (short, long_):
+                parts = Segment().split(starts)
+                assert len(parts) > 256
+                found = side.checksums_of(parts)
+                assert found == expected_checksums(rows, parts), side.label
+                assert sum(c.count for c in found) == len(rows)
+                inner = parts[1:]  # every part bounded below, as a deeper level asks
+                assert side.checksums_of(inner[::3]) == expected_checksums(rows, parts)[1:][::3], side.label

@@ -53,6 +53,7 @@ from knowton_pipeline.lib.reconcile.bisect import (
     find_differences,
 )
 from knowton_pipeline.lib.stores import Side, TargetStore, target_store
+from knowton_pipeline.lib.stores.base import short_start
 from knowton_pipeline.lib.stores.postgres import PostgresSide
 
 Mode = Literal["incremental", "checksum", "full"]
@@ -251,7 +252,11 @@ class Reconciler:
                 lo, hi = int(bounds[0]), int(bounds[1])
             points = sorted({lo + (hi - lo + 1) * i // parts for i in range(1, parts)} - {lo})
             return [p for p in points if lo < p <= hi]
-        return side.split_points(seg, parts, count)
+        points = side.split_points(seg, parts, count)
+        # Text keys are cut at their first 8 bytes when that keeps most cuts: every store then finds a key's part by
+        # a binary search of those prefixes (see stores/base.py, short_starts).
+        short = sorted({short_start(p) for p in points})
+        return short if 2 * len(short) >= len(points) else points
 
     def compare_rows(self, segments: Sequence[Segment]) -> tuple[Differences, int]:
         ordered = sorted(segments, key=lambda seg: (seg.lo is not None, seg.lo if seg.lo is not None else 0))

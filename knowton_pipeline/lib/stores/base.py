@@ -22,6 +22,8 @@ from knowton_pipeline.lib.settings import Settings
 KEY_CHUNK = 2000
 # Key ranges per query when the rows or checksums of many segments are asked at once.
 RANGES_PER_QUERY = 500
+# Parts per query when a text key is compared with every part's start (starts sharing their first 8 bytes).
+LINEAR_PARTS = 256
 NO_DAY: date | None = None
 
 
@@ -85,6 +87,33 @@ def single_key(table: SyncedTable) -> str:
 def chunks(keys: Sequence[Key], size: int = KEY_CHUNK) -> Iterator[list[Key]]:
     for i in range(0, len(keys), size):
         yield list(keys[i : i + size])
+
+
+def text_prefix(key: str) -> int:
+    """The first 8 bytes of a text key (UTF-8, padded with zero bytes) as a big-endian number: it never decreases
+    as the key grows in byte order. The stores compute the same to find a text key's part by binary search."""
+    return int.from_bytes(key.encode()[:8].ljust(8, b"\0"), "big")
+
+
+def short_start(key: str) -> str:
+    """The longest beginning of `key` of at most 8 UTF-8 bytes (whole characters). Cutting text keys at such
+    starts lets a store find a key's part by its `text_prefix` alone (see `short_starts`)."""
+    data = key.encode()
+    return key if len(data) <= 8 else data[:8].decode("utf-8", errors="ignore")
+
+
+def short_starts(parts: Sequence[Segment]) -> bool:
+    """Whether every start of the parts is at most 8 UTF-8 bytes long: then a key (text without NUL, as every store
+    holds it) is at or above a start exactly when its `text_prefix` is, and a binary search of the starts' prefixes
+    finds its part."""
+    return all(len(p.lo.encode()) <= 8 for p in parts if p.lo is not None)
+
+
+def distinct_prefixes(parts: Sequence[Segment]) -> bool:
+    """Whether the parts' starts have distinct `text_prefix`es: then the start with the greatest prefix at or below
+    a key's is the greatest start at or below the key, or the one before it."""
+    prefixes = [text_prefix(p.lo) for p in parts if p.lo is not None]
+    return len(set(prefixes)) == len(prefixes)
 
 
 def checksums_by_runs(side: Side, parts: Sequence[Segment]) -> list[Checksum]:

@@ -26,6 +26,7 @@ from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
 from knowton_pipeline.lib.stores.base import (
+    LINEAR_PARTS,
     RANGES_PER_QUERY,
     Prepared,
     Side,
@@ -35,9 +36,11 @@ from knowton_pipeline.lib.stores.base import (
     WriteOutcome,
     buckets,
     chunks,
+    distinct_prefixes,
     no_updated_at,
     single_key,
     sum_by_day,
+    text_prefix,
     tombstones_written,
 )
 from knowton_pipeline.lib.transform import (
@@ -105,16 +108,6 @@ def _clickhouse_spelling(column: Column) -> Callable[[str], str]:
 
 
 CH_KEY_TYPES = {"text": "String", "int": "Int32", "bigint": "Int64"}
-
-
-# Parts per query when a key is compared with every part's start (text starts sharing their first 8 bytes).
-LINEAR_PARTS = 256
-
-
-def text_prefix(key: str) -> int:
-    """The first 8 bytes of a text key (UTF-8, padded with zero bytes) as a big-endian number: never decreasing
-    with the key in byte order; ClickHouse computes the same from a String in `ClickHouseSide._search`."""
-    return int.from_bytes(key.encode()[:8].ljust(8, b"\0"), "big")
 
 
 def backtick(name: str) -> str:
@@ -279,9 +272,9 @@ class ClickHouseSide:
         # Text: the first 8 bytes of a key, as a big-endian number, never decrease with the key (byte order). When
         # the starts' prefixes are distinct, the start with the greatest prefix at or below the key's (roundDown)
         # is the greatest start at or below the key, unless it is above the key itself: then the one before it.
-        prefixes = [text_prefix(start) for start in starts]
-        if len(set(prefixes)) != len(prefixes):
+        if not distinct_prefixes(batch):
             return None
+        prefixes = [text_prefix(start) for start in starts]
         key_prefix = f"reinterpretAsUInt64(reverse(rightPad(substring({self._key}, 1, 8), 8, '\\0')))"
         found = f"roundDown({key_prefix}, {{prefixes:Array(UInt64)}})"
         at = f"transform({found}, {{prefixes:Array(UInt64)}}, {{numbers:Array(UInt32)}}, toUInt32(0))"

@@ -22,12 +22,15 @@ from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.canonical import Shape, key_columns, plan, segment_parameters
 from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.stores.base import (
+    LINEAR_PARTS,
     RANGES_PER_QUERY,
     buckets,
     chunks,
     no_updated_at,
+    short_starts,
     single_key,
     sum_by_day,
+    text_prefix,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +307,7 @@ class PostgresSide:
         self.max_parts = 16384  # width_bucket finds a key's part by binary search
         self._rel = sql.Identifier(table.schema, table.name)
         self._key_type = sql.SQL(PG_KEY_TYPES[table.column(self.key).type])
+        self._text = table.column(self.key).type == "text"
         self._key_expr = sql.SQL('t.{} COLLATE "C"' if table.column(self.key).type == "text" else "t.{}").format(
             sql.Identifier(self.key)
         )
@@ -347,33 +351,53 @@ class PostgresSide:
         return sql.SQL(" OR ").join(conditions), params
 
     def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
-        # width_bucket counts the parts' lower bounds at or below the key (bytes order for text). A part without
-        # a lower bound can only come first: its keys fall in bucket 0.
         out: list[Checksum] = []
         for batch in chunks(parts, self.max_parts):
-            starts = [p.lo for p in batch if p.lo is not None]
-            if not starts:
+            if len(batch) == 1:
                 out.append(self.checksum(batch[0]))
-                continue
-            shift = 0 if batch[0].lo is None else 1
-            totals = [Checksum(0, 0)] * len(batch)
-            for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
-                where, params = self._runs(group)
-                query = sql.SQL(
-                    "SELECT width_bucket({k}, %(starts)s::{type}[]) - {shift} AS b, count(*), "
-                    "coalesce(sum({hash}), 0) FROM {rel} AS t WHERE {where} GROUP BY b"
-                ).format(
-                    k=self._key_expr,
-                    type=self._key_type,
-                    shift=sql.Literal(shift),
-                    hash=hash_sql(self.table, "t", shape=self.shape),
-                    rel=self._rel,
-                    where=where,
-                )
-                found = buckets(self._grouped(query, {**params, "starts": starts}), len(batch))
-                totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found, strict=True)]
-            out.extend(totals)
+            elif not self._text or short_starts(batch):
+                out += self._sums(batch)
+            else:  # longer text starts: width_bucket searches them one by one, a few hundred at a time
+                for piece in chunks(batch, LINEAR_PARTS):
+                    out += self._sums(piece) if len(piece) > 1 else [self.checksum(piece[0])]
         return out
+
+    def _sums(self, batch: Sequence[Segment]) -> list[Checksum]:
+        """One grouped scan of `batch`'s runs: each row's part is the number of starts at or below its key. A part
+        without a lower bound can only come first: its keys fall in bucket 0."""
+        starts = [p.lo for p in batch if p.lo is not None]
+        shift = 0 if batch[0].lo is None else 1
+        params: dict[str, Any] = {"starts": starts}
+        if not self._text:
+            bucket = sql.SQL("width_bucket({k}, %(starts)s::{type}[])").format(k=self._key_expr, type=self._key_type)
+        elif len(starts) > LINEAR_PARTS and short_starts(batch):
+            # width_bucket searches a text array one element after the other, a bigint array by halves: with starts
+            # of at most 8 bytes, searching the keys' and starts' first 8 bytes (`text_prefix`, shifted to a signed
+            # order) is exact.
+            prefix = sql.SQL(
+                "(('x' || rpad(encode(substr(convert_to({k}, 'UTF8'), 1, 8), 'hex'), 16, '0'))::bit(64)::bigint"
+                " # (-9223372036854775808)::bigint)"
+            ).format(k=sql.SQL("t.{}").format(sql.Identifier(self.key)))
+            bucket = sql.SQL("width_bucket({p}, %(prefixes)s::bigint[])").format(p=prefix)
+            params["prefixes"] = [text_prefix(start) - 2**63 for start in starts]
+        else:
+            bucket = sql.SQL("width_bucket({k}, %(starts)s::text[])").format(k=self._key_expr)
+        totals = [Checksum(0, 0)] * len(batch)
+        for group in chunks(runs(batch), RANGES_PER_QUERY):  # each part is in one group: the sums add up
+            where, ranges = self._runs(group)
+            query = sql.SQL(
+                "SELECT {bucket} - {shift} AS b, count(*), coalesce(sum({hash}), 0) FROM {rel} AS t "
+                "WHERE {where} GROUP BY b"
+            ).format(
+                bucket=bucket,
+                shift=sql.Literal(shift),
+                hash=hash_sql(self.table, "t", shape=self.shape),
+                rel=self._rel,
+                where=where,
+            )
+            found_rows = buckets(self._grouped(query, {**ranges, **params}), len(batch))
+            totals = [Checksum(x.count + y.count, x.total + y.total) for x, y in zip(totals, found_rows, strict=True)]
+        return totals
 
     def _grouped(self, query: sql.Composable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """A grouped checksum query, aggregated in parallel workers by hash (a sort of every row would cost a
