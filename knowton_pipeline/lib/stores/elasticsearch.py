@@ -596,7 +596,11 @@ class DocumentStreamSide(_IndexSide):
             while not all(f.done() for f in futures):
                 with suppress(Empty):
                     self._report(queue.get(timeout=0.5))
-            return [f.result() for f in futures]
+        # The workers have exited, so what they reported last is all in the queue: count it too.
+        with suppress(Empty):
+            while True:
+                self._report(queue.get(timeout=0.1))
+        return [f.result() for f in futures]
 
     def _span(self, seg: Segment) -> tuple[int, int]:
         self._load()
