@@ -22,7 +22,7 @@ from knowton_pipeline.lib.settings import Settings
 KEY_CHUNK = 2000
 # Key ranges per query when the rows or checksums of many segments are asked at once.
 RANGES_PER_QUERY = 500
-# Parts per query when a text key is compared with every part's start (starts sharing their first 8 bytes).
+# Parts per query when a text key is compared with every part's start (starts longer than 8 bytes).
 LINEAR_PARTS = 256
 NO_DAY: date | None = None
 
@@ -109,13 +109,6 @@ def short_starts(parts: Sequence[Segment]) -> bool:
     return all(len(p.lo.encode()) <= 8 for p in parts if p.lo is not None)
 
 
-def distinct_prefixes(parts: Sequence[Segment]) -> bool:
-    """Whether the parts' starts have distinct `text_prefix`es: then the start with the greatest prefix at or below
-    a key's is the greatest start at or below the key, or the one before it."""
-    prefixes = [text_prefix(p.lo) for p in parts if p.lo is not None]
-    return len(set(prefixes)) == len(prefixes)
-
-
 def checksums_by_runs(side: Side, parts: Sequence[Segment]) -> list[Checksum]:
     """`Side.checksums_of` for a store that splits one segment at a time: one split per run of adjacent parts."""
     out: list[Checksum] = []
@@ -123,14 +116,6 @@ def checksums_by_runs(side: Side, parts: Sequence[Segment]) -> list[Checksum]:
         for piece in chunks(members, side.max_parts):
             run = Segment(piece[0].lo, piece[-1].hi)
             out += [side.checksum(run)] if len(piece) == 1 else side.split_checksums(run, [p.lo for p in piece[1:]])
-    return out
-
-
-def rows_by_runs(side: Side, segments: Sequence[Segment]) -> dict[Key, str]:
-    """`Side.rows_of` for a store that reads one segment at a time: one read per run of adjacent segments."""
-    out: dict[Key, str] = {}
-    for run, _ in runs(segments):
-        out.update(side.rows(run))
     return out
 
 

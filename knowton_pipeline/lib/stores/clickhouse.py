@@ -36,8 +36,8 @@ from knowton_pipeline.lib.stores.base import (
     WriteOutcome,
     buckets,
     chunks,
-    distinct_prefixes,
     no_updated_at,
+    short_starts,
     single_key,
     sum_by_day,
     text_prefix,
@@ -252,7 +252,7 @@ class ClickHouseSide:
             found = self._search(batch)
             if found is not None:
                 out += self._sums(batch, *found)
-            else:  # text starts that share their first 8 bytes: each key is compared with every start, 256 at a time
+            else:  # longer text starts: each key is compared with every start, a few hundred at a time
                 for piece in chunks(batch, LINEAR_PARTS):
                     out += self._sums(piece, *self._linear(piece))
         return out
@@ -269,17 +269,17 @@ class ClickHouseSide:
             bounds = [floor, *starts] if shift == 0 else starts
             bucket = f"roundDown({self._key}, {{starts:Array({self._key_type})}})"
             return bucket, {"starts": bounds}, {start: i for i, start in enumerate(bounds)}
-        # Text: the first 8 bytes of a key, as a big-endian number, never decrease with the key (byte order). When
-        # the starts' prefixes are distinct, the start with the greatest prefix at or below the key's (roundDown)
-        # is the greatest start at or below the key, unless it is above the key itself: then the one before it.
-        if not distinct_prefixes(batch):
+        # Text: with starts of at most 8 bytes, a key is at or above a start exactly when its first 8 bytes, as a
+        # big-endian number (`text_prefix`), are: roundDown finds the greatest such start, transform its number.
+        if not short_starts(batch):
             return None
         prefixes = [text_prefix(start) for start in starts]
         key_prefix = f"reinterpretAsUInt64(reverse(rightPad(substring({self._key}, 1, 8), 8, '\\0')))"
         found = f"roundDown({key_prefix}, {{prefixes:Array(UInt64)}})"
         at = f"transform({found}, {{prefixes:Array(UInt64)}}, {{numbers:Array(UInt32)}}, toUInt32(0))"
-        bucket = f"if({self._key} >= arrayElement({{starts:Array(String)}}, {at}), {at}, {at} - 1) - {shift}"
-        params = {"prefixes": prefixes, "numbers": list(range(1, len(starts) + 1)), "starts": starts}
+        # Below every start (only when the first part has no lower bound), roundDown gives the first: part 0.
+        bucket = f"if({key_prefix} < {{first:UInt64}}, 0, {at}) - {shift}"
+        params = {"prefixes": prefixes, "numbers": list(range(1, len(starts) + 1)), "first": prefixes[0]}
         return bucket, params, None
 
     def _linear(self, batch: Sequence[Segment]) -> tuple[str, dict[str, Any], None]:
@@ -434,8 +434,8 @@ class ClickHouseWriter:
 
     def insert_json_rows(self, table: SyncedTable, block: bytes) -> bool:
         """Insert mirror rows already spelled as JSON lines (`postgres.mirror_rows_copy_sql`), parsed by ClickHouse.
-        False when it refused the block (a value it would not take): those rows are the row-by-row way's to write,
-        where the ones at fault are isolated. A store that is down raises `TransientStoreError`."""
+        False when it refused a value in the block: those rows are the row-by-row way's to write, where the ones at
+        fault are isolated. A store that is down or refuses the write as such raises, as `send` does."""
         target = f"{self.database}.{table.clickhouse_table}"
         strict = {"input_format_null_as_default": 0, "input_format_skip_unknown_fields": 0}
         try:
@@ -443,7 +443,7 @@ class ClickHouseWriter:
                 target, clickhouse_columns(table), insert_block=block, settings=strict, fmt="JSONEachRow"
             )
         except Exception as exc:
-            if _is_transient_clickhouse(exc):
+            if clickhouse_fault(exc) == "store":
                 raise _clickhouse_store_error(target, exc) from exc
             return False
         return True
