@@ -264,9 +264,17 @@ def table(name: str) -> SyncedTable:
     raise UnknownTableError(name)
 
 
-def documents_fed_by(name: str) -> list[tuple[SyncedTable, Dependency]]:
-    """The tables whose search documents show fields computed from table `name`, with how they are linked."""
-    return [(t, d) for t in TABLES for d in t.dependencies if d.table == name]
+_FED_BY: dict[str, tuple[tuple[SyncedTable, ...], tuple[tuple[SyncedTable, Dependency], ...]]] = {}
+
+
+def documents_fed_by(name: str) -> tuple[tuple[SyncedTable, Dependency], ...]:
+    """The tables whose search documents show fields computed from table `name`, with how they are linked (asked
+    once per change a sink applies, so kept as long as the catalog's tables are the same)."""
+    entry = _FED_BY.get(name)
+    if entry is None or entry[0] is not TABLES:
+        entry = (TABLES, tuple((t, d) for t in TABLES for d in t.dependencies if d.table == name))
+        _FED_BY[name] = entry
+    return entry[1]
 
 
 def topic_partitions(cdc_partitions: int) -> dict[str, int]:

@@ -478,6 +478,7 @@ def reconcile(
     from knowton_pipeline.lib.reconcile.flow import Connections, PairOutcome, ReconcileRequest, reconcile_pairs
     from knowton_pipeline.lib.reconcile.run import plan_pairs
     from knowton_pipeline.lib.stores import TARGETS
+    from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcSink, SinkTurns
 
     try:
         pairs = plan_pairs(None if "all" in tables else list(tables), None if "all" in targets else list(targets))
@@ -504,7 +505,26 @@ def reconcile(
             name: opened.enter_context(TARGETS[name].connect(settings)) for name in dict.fromkeys(t for _, t in pairs)
         }
         connections = Connections(conn, clients, settings.kafka_bootstrap)
-        for outcome in reconcile_pairs(connections, pairs, request, on_progress=say):
+        turns: SinkTurns | None = None
+        if "clickhouse" in clients and settings.clickhouse_dsn.startswith("chdb://"):
+            # This process holds the embedded engine, so the ClickHouse sink cannot run elsewhere meanwhile: it takes
+            # its turns here, between the steps and while a re-check waits for it to apply past its position.
+            turns = SinkTurns(
+                CdcSink(
+                    ApplyConfig(bootstrap=settings.kafka_bootstrap, max_retry_seconds=10.0),
+                    store="clickhouse",
+                    client=clients["clickhouse"],
+                    pg_conninfo=settings.pg_conninfo(),
+                ),
+                every=5.0,
+            )
+
+        def progress(message: str) -> None:
+            say(message)
+            if turns is not None:
+                turns()
+
+        for outcome in reconcile_pairs(connections, pairs, request, on_progress=progress):
             result = outcome.result
             if result is None or outcome.repair_refused:
                 click.echo(f"error: {outcome.error or outcome.repair_refused}", err=True)

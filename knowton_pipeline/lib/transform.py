@@ -89,9 +89,8 @@ def utc_datetime(value: datetime) -> datetime:
 
 def format_timestamp(value: datetime) -> str:
     """ISO 8601 in UTC with exactly six fraction digits and "Z": `2026-11-24T05:05:32.487591Z`."""
-    u = utc_datetime(value)
-    # Hand-formatted: isoformat() drops a zero fraction and strftime does not pad years below 1000.
-    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
+    # isoformat pads the year to four digits and, told to, keeps a zero fraction; in UTC it ends in "+00:00".
+    return utc_datetime(value).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def canonical_json(value: Any) -> str:

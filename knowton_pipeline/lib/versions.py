@@ -60,6 +60,13 @@ def _sequence(sequence: Any) -> tuple[int | None, int | None]:
     may be null; a part that is absent or not a positive integer is None."""
     if not isinstance(sequence, str):
         return None, None
+    if sequence.startswith('["') and sequence.endswith('"]') and sequence.isascii():
+        # Debezium's usual spelling, '["123","456"]', read without a JSON parser.
+        first, comma, second = sequence[2:-2].partition('","')
+        if comma and first.isdigit() and second.isdigit():
+            last_commit, lsn = int(first), int(second)
+            if 0 < last_commit <= MAX_VERSION and 0 < lsn <= MAX_VERSION:
+                return last_commit, lsn
     try:
         parsed = orjson.loads(sequence)
     except (ValueError, RecursionError):

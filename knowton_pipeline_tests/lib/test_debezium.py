@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +25,8 @@ from knowton_pipeline.lib.debezium import (
     decode_row,
     encode_row_like_debezium,
 )
+from knowton_pipeline.lib.transform import format_timestamp
+from knowton_pipeline.lib.versions import MAX_VERSION, last_commit_lsn, sequence_position
 
 # ---------------------------------------------------------------------------------------------------------------
 # Strategies: nasty but valid rows for any catalog table (also used by test_transform).
@@ -683,3 +685,42 @@ def test_the_fast_timestamp_path_reads_debeziums_usual_form_as_the_full_parser_d
 def test_a_timestamp_of_the_usual_length_but_not_its_form_is_refused(text: str) -> None:
     with pytest.raises(_Refused):
         _decode_timestamptz(text)
+
+
+# The usual `source.sequence` is read without a JSON parser; any spelling must give what the JSON reading gives.
+_LSN_PART = st.one_of(
+    st.integers(min_value=-5, max_value=2**64).map(lambda n: f'"{n}"'),
+    st.integers(min_value=0, max_value=2**64).map(str),
+    st.text(alphabet="0123456789", min_size=0, max_size=22).map(lambda d: f'"{d}"'),
+    st.sampled_from(["null", "true", '"1.5"', '"٣"', '" 7"', '"+7"']),
+)
+
+
+@given(_LSN_PART, _LSN_PART, st.sampled_from([",", ", "]))
+def test_a_sequence_is_read_as_its_json_says(first: str, second: str, comma: str) -> None:
+    text = f"[{first}{comma}{second}]"
+    by_json = json.loads(text)
+
+    def position(part: Any) -> int | None:
+        if isinstance(part, bool) or not isinstance(part, str | int):
+            return None
+        try:
+            value = int(part)
+        except ValueError:
+            return None
+        return value if 0 < value <= MAX_VERSION else None
+
+    expected_last = position(by_json[0])
+    assert last_commit_lsn(text) == expected_last
+    parts = [p for p in (expected_last, position(by_json[1])) if p is not None]
+    assert sequence_position(text) == (max(parts) if parts else None)
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-9, minutes=-30))])))
+def test_a_timestamp_is_spelled_in_utc_with_six_fraction_digits(value: datetime) -> None:
+    try:
+        u = value.astimezone(UTC)
+    except OverflowError:  # moved to UTC, it leaves the years datetime can hold
+        return
+    expected = f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
+    assert format_timestamp(value) == expected

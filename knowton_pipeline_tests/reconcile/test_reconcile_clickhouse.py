@@ -11,6 +11,7 @@ import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 from knowton_pipeline.cli import main
+from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline_tests.helpers import Reconcile, insert_user, new_address, new_keys, wait_for_cdc
 
@@ -140,3 +141,21 @@ def test_knowton_reconcile_exit_codes_json_diff_table_and_repair(
     assert "unknown target 'mongodb'" in capsys.readouterr().err
     assert main(["reconcile", "--table", "Purchase", "--target", "elasticsearch"]) == 2
     assert "Purchase is not synced to elasticsearch" in capsys.readouterr().err
+
+
+def test_knowton_reconcile_gives_the_embedded_clickhouse_sink_its_turns_while_it_waits(
+    caught_up: None, settings: Settings, pg: psycopg.Connection, ch: ClickHouseClient, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    # A new row is in Kafka and nothing has applied it: the command holds the embedded engine, so only it can let
+    # the ClickHouse sink apply it. Without turns, the re-check would wait for a sink that never moves.
+    address = insert_user(pg, reputation=3)
+    wait_for_cdc(settings)
+    held = "SELECT count() FROM knowton.users FINAL WHERE address = {a:String}"
+    assert ch.query(held, parameters={"a": address}).result_rows == [(0,)]
+
+    code = main(["reconcile", "--table", "User", "--target", "clickhouse", "--json", "--stuck", "30", "--no-record"])
+
+    [report] = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["clean"] is True, report
+    assert report["confirmed_by"] == "position" and report["lagging"] == 0
+    assert ch.query(held, parameters={"a": address}).result_rows == [(1,)]
