@@ -33,7 +33,6 @@ from knowton_pipeline.lib.debezium import decode_row, encode_row_like_debezium
 from knowton_pipeline.lib.stores.clickhouse import segment_checksum_sql as clickhouse_segment_checksum_sql
 from knowton_pipeline.lib.stores.clickhouse import segment_rows_sql as clickhouse_segment_rows_sql
 from knowton_pipeline.lib.stores.elasticsearch import (
-    _written_hash_fields,
     canonical_from_es_source,
     enrichment_from_es_source,
     es_hash_fields,
@@ -330,19 +329,6 @@ def test_a_search_document_reads_back_to_the_row_it_was_written_from(document: t
     assert read_back == expected
     # An enriched row (as the enriched query returns it) carries its derived fields itself.
     assert canonical_from_row(synced, {**row, **enrichment}, shape="document") == expected
-
-
-@given(st.sampled_from(INDEXED_TABLES).flatmap(documents))
-def test_the_writer_hashes_a_document_from_its_row_as_the_document_reads_back(
-    document: tuple[SyncedTable, dict, dict],
-) -> None:
-    synced, row, enrichment = document
-    written = to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT, enrichment=enrichment)
-    from_document = es_hash_fields(synced, json.loads(json.dumps(written)))
-    assert _written_hash_fields(synced, row, enrichment, written) == from_document
-    if synced.derived:  # without its enrichment, the document is hashed as written: its derived fields missing
-        bare = to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT)
-        assert _written_hash_fields(synced, row, None, bare) == es_hash_fields(synced, bare)
 
 
 @given(documents(CONTENT), enrichments(CONTENT))

@@ -31,7 +31,7 @@ from elasticsearch import ApiError, Elasticsearch
 from elasticsearch import helpers as es_helpers
 
 from knowton_pipeline.catalog import TABLES, Column, SyncedTable
-from knowton_pipeline.lib.canonical import INVALID, SEPARATOR, Field, Shape, canonical_from_row, plan, row_hash, spell
+from knowton_pipeline.lib.canonical import INVALID, SEPARATOR, Field, Shape, plan, row_hash, spell
 from knowton_pipeline.lib.reconcile.bisect import Checksum, Key, Segment, runs
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import SQL_ROOT, read_json
@@ -207,25 +207,7 @@ _PART_MASK = (1 << _PART_BITS) - 1
 
 def es_hash_fields(table: SyncedTable, document: Mapping[str, Any]) -> dict[str, Any]:
     """The hash fields the writer stores beside a live document's columns: `row_hash` (decimal text) and its parts."""
-    return _hash_fields(row_hash(canonical_from_es_source(table, document)))
-
-
-def _written_hash_fields(
-    table: SyncedTable, row: Mapping[str, Any], enrichment: Mapping[str, Any] | None, document: Mapping[str, Any]
-) -> dict[str, Any]:
-    """`es_hash_fields` of the document `to_es_document` made of `row` and `enrichment`, spelled from the row
-    itself: a document reads back to the canonical string of the row it was written from (a property the tests
-    hold), so its values need not be read back one by one. A row that cannot be spelled so (a derived field that
-    is in neither) is hashed from the document."""
-    if enrichment is None and table.derived:
-        return es_hash_fields(table, document)
-    try:
-        return _hash_fields(row_hash(canonical_from_row(table, row, shape="document", enrichment=enrichment or {})))
-    except (KeyError, TypeError, ValueError):
-        return es_hash_fields(table, document)
-
-
-def _hash_fields(h: int) -> dict[str, Any]:
+    h = row_hash(canonical_from_es_source(table, document))
     return {
         ES_HASH_FIELD: str(h),
         ES_HASH_PARTS[0]: h >> (2 * _PART_BITS),
@@ -742,7 +724,7 @@ class ElasticsearchWriter:
                 )
                 if not item.deleted:
                     # What was written, hashed: a fast checksum of the index needs no document to travel.
-                    doc.update(_written_hash_fields(item.table, item.row, item.enrichment, doc))
+                    doc.update(es_hash_fields(item.table, doc))
                 key = tuple(item.row[k] for k in item.table.key)
                 doc_id = document_id(item.table, key)
             except (ValueError, TypeError, KeyError) as exc:
