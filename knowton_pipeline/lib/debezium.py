@@ -5,12 +5,14 @@ connector encodes values (JsonConverter without schemas, decimals as strings, ti
 from __future__ import annotations
 
 import json
+import keyword
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
@@ -25,6 +27,10 @@ _INT_RANGES = {"int": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 _TIMESTAMP = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:(Z)|([+-])(\d{2}):(\d{2}))",
 )
+
+
+# Debezium's usual form, "2025-03-01T12:00:00.123456Z", which the standard parser reads exactly.
+_USUAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", re.ASCII).fullmatch
 
 
 class MalformedEventError(ValueError):
@@ -158,12 +164,7 @@ def _numeric_decoder(scale: int) -> Callable[[Any], Any]:
 def _decode_timestamptz(value: Any) -> datetime:
     if type(value) is not str:
         raise _Refused(f"expected an ISO-8601 timestamp string, got {_json_type(value)}")
-    if (
-        len(value) == 27
-        and value.isascii()
-        and value[4] + value[7] + value[10] + value[13] + value[16] + value[19] + value[26] == "--T::.Z"
-        and (value[:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19] + value[20:26]).isdigit()
-    ):
+    if _USUAL_TIMESTAMP(value):
         # Debezium's usual form, "2025-03-01T12:00:00.123456Z": the standard parser, many times faster. A string
         # of this shape it refuses takes the full path below, which says why.
         try:
@@ -423,6 +424,141 @@ def _decode_key(table: SyncedTable, key: bytes) -> tuple[Any, ...]:
     return tuple(values)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The usual event, read in one pass
+#
+# Nearly every record is an ordinary insert, update, delete or snapshot read whose values are already of their
+# columns' JSON types. msgspec reads such a record into typed structs generated from the catalog, checking types,
+# NULLs, integer ranges and that every column is there while it parses; the values JSON cannot type (numeric,
+# timestamptz, jsonb) then go through the same per-type decoders as above. Anything else (a truncate, a key-only
+# old image, a refused value, a record that is not valid JSON) is not read here: `decode_event` reads it the full
+# way, which also says why it refuses it. So this reading accepts a subset of what the full one accepts and returns
+# the same event for it (`test_debezium_fast.py` holds the two together). One difference is by design: a field the
+# pipeline never reads (say `transaction` or `source.txId`) is checked for JSON syntax but not for a number beyond
+# a double's range, which alone does not make a change poison.
+
+_PYTHON_TYPES: dict[str, Any] = {
+    "text": str,
+    "int": Annotated[int, msgspec.Meta(ge=_INT_RANGES["int"][0], le=_INT_RANGES["int"][1])],
+    "bigint": Annotated[int, msgspec.Meta(ge=_INT_RANGES["bigint"][0], le=_INT_RANGES["bigint"][1])],
+    "bool": bool,
+    "text[]": list[str],
+    # Spelled as strings by the connector, decoded after the parse by the column's own decoder.
+    "numeric": str,
+    "timestamptz": str,
+    "jsonb": str,
+}
+_AFTER_PARSE = frozenset({"numeric", "timestamptz", "jsonb"})
+
+
+class _Source(msgspec.Struct):
+    lsn: Annotated[int, msgspec.Meta(gt=0)]
+    table: str
+    ts_ms: Annotated[int, msgspec.Meta(ge=0)]
+    sequence: str | None = None
+
+
+@dataclass(frozen=True)
+class _FastReader:
+    envelope: msgspec.json.Decoder[Any]
+    key: msgspec.json.Decoder[Any]
+    after_parse: tuple[_ColumnCodec, ...]  # the columns whose strings are decoded after the parse
+    key_after_parse: tuple[_ColumnCodec, ...]
+
+
+_READERS: dict[int, tuple[SyncedTable, _FastReader | None]] = {}
+
+
+def _fast_reader(table: SyncedTable) -> _FastReader | None:
+    """The one-pass reader of a table's events; None when its column names cannot be struct fields."""
+    entry = _READERS.get(id(table))
+    if entry is not None and entry[0] is table:
+        return entry[1]
+    reader = None
+    names = [c.name for c in table.columns]
+    if all(n.isidentifier() and not keyword.iskeyword(n) and not n.startswith("_") for n in names):
+        _, by_name = _codecs(table)
+
+        def fields(columns: tuple[Column, ...]) -> list[tuple[str, Any]]:
+            # No defaults: a column missing from the image fails the parse, as `decode_row` refuses it.
+            return [(c.name, _PYTHON_TYPES[c.type] | None if c.nullable else _PYTHON_TYPES[c.type]) for c in columns]
+
+        row = msgspec.defstruct(f"{table.name}Row", fields(table.columns))
+        key_columns = tuple(table.column(k) for k in table.key)
+        envelope = msgspec.defstruct(
+            f"{table.name}Event",
+            [
+                ("op", Literal["c", "u", "d", "r"]),
+                ("source", _Source),
+                ("before", row | None, None),
+                ("after", row | None, None),
+            ],
+        )
+        reader = _FastReader(
+            envelope=msgspec.json.Decoder(envelope),
+            key=msgspec.json.Decoder(msgspec.defstruct(f"{table.name}Key", fields(key_columns))),
+            after_parse=tuple(by_name[c.name] for c in table.columns if c.type in _AFTER_PARSE),
+            key_after_parse=tuple(by_name[c.name] for c in key_columns if c.type in _AFTER_PARSE),
+        )
+    _READERS[id(table)] = (table, reader)
+    return reader
+
+
+def _typed(image: Any, after_parse: tuple[_ColumnCodec, ...]) -> dict[str, Any]:
+    """A parsed image as a row; raises `_Refused` for a value its column's decoder refuses."""
+    row = msgspec.structs.asdict(image)
+    for codec in after_parse:
+        value = row[codec.name]
+        if value is not None:
+            row[codec.name] = codec.decode(value)
+    return row
+
+
+def _read_usual(table: SyncedTable, key: bytes | None, value: bytes) -> ChangeEvent | None:
+    """The event in one pass, or None when it is not the usual kind (then `decode_event` reads it the full way)."""
+    reader = _fast_reader(table)
+    if reader is None:
+        return None
+    try:
+        if not value.isascii():
+            value.decode()  # the full reading refuses a record that is not UTF-8 anywhere, so this one does too
+        envelope = reader.envelope.decode(value)
+        source = envelope.source
+        if source.table != table.name:
+            return None
+        version = stream_version(envelope.op, source.lsn, source.sequence)
+        if version > MAX_VERSION:
+            return None
+        if envelope.op == "d":
+            if envelope.after is not None or envelope.before is None:
+                return None
+            before, after = _typed(envelope.before, reader.after_parse), None
+            row_key = tuple(before[name] for name in table.key)
+        else:
+            if envelope.after is None:
+                return None
+            after = _typed(envelope.after, reader.after_parse)
+            before = None if envelope.before is None else _typed(envelope.before, reader.after_parse)
+            row_key = tuple(after[name] for name in table.key)
+        if key is not None:
+            if not key.isascii():
+                key.decode()
+            if tuple(_typed(reader.key.decode(key), reader.key_after_parse).values()) != row_key:
+                return None
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, _Refused):
+        return None
+    return ChangeEvent(
+        table=table,
+        op=envelope.op,
+        key=row_key,
+        before=before,
+        after=after,
+        lsn=source.lsn,
+        ts_ms=source.ts_ms,
+        version=version,
+    )
+
+
 def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEvent | None:
     """Decode one Kafka record from a `cdc-<Table>` topic; None for the tombstone that follows a delete.
 
@@ -435,6 +571,12 @@ def decode_event(topic: str, key: bytes | None, value: bytes | None) -> ChangeEv
     table = table_for_topic(topic)
     if value is None:
         return None
+    usual = _read_usual(table, key, value)
+    return usual if usual is not None else _read_full(table, topic, key, value)
+
+
+def _read_full(table: SyncedTable, topic: str, key: bytes | None, value: bytes) -> ChangeEvent:
+    """Any record, read field by field: the reading that defines what is accepted, and says why it refuses."""
     envelope = _load_json(value, f"{topic} value")
     if not isinstance(envelope, dict):
         raise MalformedEventError(f"{topic} value: expected a JSON object, got {_json_type(envelope)}")
