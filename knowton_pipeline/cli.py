@@ -272,7 +272,11 @@ def sink() -> None:
     help="The store to write; repeat for several (each its own sink and group, side by side).",
 )
 @click.option("--once", is_flag=True, help="Stop when caught up instead of running until stopped.")
-@click.option("--batch-size", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Changes per batch. Default: the store's own (ClickHouse 20000, Elasticsearch 2000).",
+)
 @click.option("--status-file", type=click.Path(path_type=Path), help="Where the sink reports its state (health).")
 @click.option("--supervise", is_flag=True, help="Run the sink as a child process and start it again if it dies.")
 @pass_settings
@@ -280,7 +284,7 @@ def sink_run(
     settings: Settings,
     stores: tuple[str, ...],
     once: bool,
-    batch_size: int,
+    batch_size: int | None,
     status_file: Path | None,
     supervise: bool,
 ) -> int:
@@ -303,7 +307,9 @@ def sink_run(
         if len(stores) != 1 or once or status_file is None:
             raise click.UsageError("--supervise runs one continuous sink: give one --store and a --status-file")
         return service.supervise(
-            service.service_argv(stores[0], status_file, "--batch-size", str(batch_size)), stop, echo=click.echo
+            service.service_argv(stores[0], status_file, *(("--batch-size", str(batch_size)) if batch_size else ())),
+            stop,
+            echo=click.echo,
         )
     if once:
         from knowton_pipeline.lib.stores import TARGETS

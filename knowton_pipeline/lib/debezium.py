@@ -10,15 +10,18 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from knowton_pipeline.catalog import TOPIC_PREFIX, Column, SyncedTable, UnknownTableError
 from knowton_pipeline.catalog import table as catalog_table
 from knowton_pipeline.lib.transform import decimal_text, exact_decimal, format_timestamp
-from knowton_pipeline.lib.versions import MAX_VERSION, sequence_position, stream_version
+from knowton_pipeline.lib.versions import MAX_VERSION, sequence_position, stream_version, stream_versions
 
 OPS = ("c", "u", "d", "r", "t")
 _MISSING: Any = object()
@@ -434,8 +437,8 @@ def _decode_key(table: SyncedTable, key: bytes) -> tuple[Any, ...]:
 # old image, a refused value, a record that is not valid JSON) is not read here: `decode_event` reads it the full
 # way, which also says why it refuses it. So this reading accepts a subset of what the full one accepts and returns
 # the same event for it (`test_debezium_fast.py` holds the two together). One difference is by design: a field the
-# pipeline never reads (say `transaction` or `source.txId`) is checked for JSON syntax but not for a number beyond
-# a double's range, which alone does not make a change poison.
+# pipeline never reads (say `transaction` or `source.txId`) is checked for JSON syntax only, so a number beyond a
+# double's range or bytes that are not UTF-8 there do not make a change poison; in a field it reads they do.
 
 _PYTHON_TYPES: dict[str, Any] = {
     "text": str,
@@ -451,11 +454,16 @@ _PYTHON_TYPES: dict[str, Any] = {
 _AFTER_PARSE = frozenset({"numeric", "timestamptz", "jsonb"})
 
 
-class _Source(msgspec.Struct):
+class _Source(msgspec.Struct, gc=False):
     lsn: Annotated[int, msgspec.Meta(gt=0)]
     table: str
     ts_ms: Annotated[int, msgspec.Meta(ge=0)]
     sequence: str | None = None
+
+
+def _struct_fields(columns: tuple[Column, ...]) -> list[tuple[str, Any]]:
+    # No defaults: a column missing from the image fails the parse, as `decode_row` refuses it.
+    return [(c.name, _PYTHON_TYPES[c.type] | None if c.nullable else _PYTHON_TYPES[c.type]) for c in columns]
 
 
 @dataclass(frozen=True)
@@ -478,12 +486,7 @@ def _fast_reader(table: SyncedTable) -> _FastReader | None:
     names = [c.name for c in table.columns]
     if all(n.isidentifier() and not keyword.iskeyword(n) and not n.startswith("_") for n in names):
         _, by_name = _codecs(table)
-
-        def fields(columns: tuple[Column, ...]) -> list[tuple[str, Any]]:
-            # No defaults: a column missing from the image fails the parse, as `decode_row` refuses it.
-            return [(c.name, _PYTHON_TYPES[c.type] | None if c.nullable else _PYTHON_TYPES[c.type]) for c in columns]
-
-        row = msgspec.defstruct(f"{table.name}Row", fields(table.columns))
+        row = msgspec.defstruct(f"{table.name}Row", _struct_fields(table.columns), gc=False)
         key_columns = tuple(table.column(k) for k in table.key)
         envelope = msgspec.defstruct(
             f"{table.name}Event",
@@ -493,10 +496,11 @@ def _fast_reader(table: SyncedTable) -> _FastReader | None:
                 ("before", row | None, None),
                 ("after", row | None, None),
             ],
+            gc=False,  # nothing in an event refers back to it: no cycles for the collector to look for
         )
         reader = _FastReader(
             envelope=msgspec.json.Decoder(envelope),
-            key=msgspec.json.Decoder(msgspec.defstruct(f"{table.name}Key", fields(key_columns))),
+            key=msgspec.json.Decoder(msgspec.defstruct(f"{table.name}Key", _struct_fields(key_columns), gc=False)),
             after_parse=tuple(by_name[c.name] for c in table.columns if c.type in _AFTER_PARSE),
             key_after_parse=tuple(by_name[c.name] for c in key_columns if c.type in _AFTER_PARSE),
         )
@@ -520,8 +524,6 @@ def _read_usual(table: SyncedTable, key: bytes | None, value: bytes) -> ChangeEv
     if reader is None:
         return None
     try:
-        if not value.isascii():
-            value.decode()  # the full reading refuses a record that is not UTF-8 anywhere, so this one does too
         envelope = reader.envelope.decode(value)
         source = envelope.source
         if source.table != table.name:
@@ -540,12 +542,9 @@ def _read_usual(table: SyncedTable, key: bytes | None, value: bytes) -> ChangeEv
             after = _typed(envelope.after, reader.after_parse)
             before = None if envelope.before is None else _typed(envelope.before, reader.after_parse)
             row_key = tuple(after[name] for name in table.key)
-        if key is not None:
-            if not key.isascii():
-                key.decode()
-            if tuple(_typed(reader.key.decode(key), reader.key_after_parse).values()) != row_key:
-                return None
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, _Refused):
+        if key is not None and tuple(_typed(reader.key.decode(key), reader.key_after_parse).values()) != row_key:
+            return None
+    except (msgspec.ValidationError, msgspec.DecodeError, _Refused):
         return None
     return ChangeEvent(
         table=table,
@@ -556,6 +555,172 @@ def _read_usual(table: SyncedTable, key: bytes | None, value: bytes) -> ChangeEv
         lsn=source.lsn,
         ts_ms=source.ts_ms,
         version=version,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A batch of usual events, read as columns
+#
+# A mirror writes each change's row as it is, so a batch of one table's usual changes can go to it as columns,
+# with no object per change. `read_change_columns` reads such a batch in one pass per record (msgspec) and checks
+# the values JSON cannot type as whole columns (Arrow); it takes the batch only when every record in it is one that
+# `decode_event` decodes, to the same row and version (`test_debezium_columns.py` holds the two together), and
+# otherwise returns None, for the records to be decoded one by one.
+
+_USUAL_TIMESTAMP_COLUMN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$"
+_PLAIN_DECIMAL_COLUMN = r"^-?\d{1,30}(\.\d+)?$"  # a value Arrow's decimal cast reads exactly, or refuses
+
+
+def _arrow_type(column: Column) -> pa.DataType | None:
+    """The Arrow type a column's values are read into; None for a type read only event by event (jsonb)."""
+    return {
+        "text": pa.string(),
+        "int": pa.int32(),
+        "bigint": pa.int64(),
+        "bool": pa.bool_(),
+        "text[]": pa.list_(pa.string()),
+        "numeric": pa.string(),
+        "timestamptz": pa.string(),
+    }.get(column.type)
+
+
+@dataclass(frozen=True)
+class ChangeColumns:
+    """The changes of one table in a batch, as columns. `rows` has one column per catalog column, by PostgreSQL
+    name: the row each change leaves (a delete leaves its key, the other columns null), typed as `decode_row`
+    types it (timestamptz as UTC timestamps, numeric as decimals at the column's scale). `keys`, `versions` and
+    `deletes` are per change, in batch order."""
+
+    table: SyncedTable
+    rows: pa.Table
+    keys: list[tuple[Any, ...]]
+    versions: list[int]
+    deletes: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+
+@dataclass(frozen=True)
+class _ColumnsReader:
+    envelope: msgspec.json.Decoder[Any]
+    key: msgspec.json.Decoder[Any]
+    schema: pa.Schema
+    key_positions: tuple[int, ...]
+
+
+_COLUMN_READERS: dict[int, tuple[SyncedTable, _ColumnsReader | None]] = {}
+
+
+def _columns_reader(table: SyncedTable) -> _ColumnsReader | None:
+    entry = _COLUMN_READERS.get(id(table))
+    if entry is not None and entry[0] is table:
+        return entry[1]
+    reader = None
+    usual = _fast_reader(table)
+    types = [_arrow_type(c) for c in table.columns]
+    if usual is not None and all(t is not None for t in types):
+        key_columns = tuple(table.column(k) for k in table.key)
+        # The old image is read for its key only: a delete applies from it, an update's row is its new image.
+        old_key = msgspec.defstruct(f"{table.name}OldKey", _struct_fields(key_columns), gc=False)
+        row = msgspec.defstruct(f"{table.name}Columns", _struct_fields(table.columns), gc=False)
+        envelope = msgspec.defstruct(
+            f"{table.name}ColumnsEvent",
+            [
+                ("op", Literal["c", "u", "d", "r"]),
+                ("source", _Source),
+                ("before", old_key | None, None),
+                ("after", row | None, None),
+            ],
+            gc=False,
+        )
+        names = [c.name for c in table.columns]
+        reader = _ColumnsReader(
+            envelope=msgspec.json.Decoder(envelope),
+            key=usual.key,
+            schema=pa.schema([pa.field(n, t) for n, t in zip(names, types, strict=True)]),
+            key_positions=tuple(names.index(k) for k in table.key),
+        )
+    _COLUMN_READERS[id(table)] = (table, reader)
+    return reader
+
+
+_astuple = msgspec.structs.astuple
+_SOURCE, _TABLE, _OP, _AFTER = attrgetter("source"), attrgetter("table"), attrgetter("op"), attrgetter("after")
+
+
+def read_change_columns(
+    table: SyncedTable, keys_given: list[bytes | None], values: list[bytes]
+) -> ChangeColumns | None:
+    """A batch of one table's records (their Kafka keys and values; no tombstones) as columns, or None unless every
+    record is a usual change (see `_read_usual`) of a table whose columns all have an Arrow reading (not jsonb)."""
+    reader = _columns_reader(table)
+    if reader is None or not values:
+        return None
+    try:
+        events = list(map(reader.envelope.decode, values))
+        sources = list(map(_SOURCE, events))
+        if set(map(_TABLE, sources)) != {table.name}:
+            return None
+        ops = list(map(_OP, events))
+        afters = list(map(_AFTER, events))
+        names = [c.name for c in table.columns]
+        if "d" not in ops:
+            if None in afters:
+                return None  # a change without its new image
+            deletes = [False] * len(ops)
+            columns = [list(map(attrgetter(name), afters)) for name in names]
+        else:
+            deletes = [op == "d" for op in ops]
+            if any(delete == (after is not None) for delete, after in zip(deletes, afters, strict=True)):
+                return None  # a delete with a new image, or another change without one
+            # A delete leaves its key, from its old image; its other columns are null.
+            olds = [e.before if delete else e.after for e, delete in zip(events, deletes, strict=True)]
+            if None in olds:
+                return None
+            columns = [
+                list(map(attrgetter(name), olds))
+                if name in table.key
+                else [None if delete else getattr(after, name) for after, delete in zip(afters, deletes, strict=True)]
+                for name in names
+            ]
+        keys = list(zip(*(columns[p] for p in reader.key_positions), strict=True))
+        if None not in keys_given:
+            if list(map(_astuple, map(reader.key.decode, keys_given))) != keys:  # type: ignore[arg-type]
+                return None
+        else:
+            for given, key in zip(keys_given, keys, strict=True):
+                if given is not None and _astuple(reader.key.decode(given)) != key:
+                    return None
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    versions = stream_versions(ops, [s.lsn for s in sources], [s.sequence for s in sources])
+    if max(versions) > MAX_VERSION:
+        return None
+    arrays = []
+    for column, field, values in zip(table.columns, reader.schema, columns, strict=True):
+        array = pa.array(values, type=field.type)
+        if column.type == "timestamptz":
+            if pc.all(pc.match_substring_regex(array, _USUAL_TIMESTAMP_COLUMN)).as_py() not in (True, None):
+                return None
+            try:
+                array = array.cast(pa.timestamp("us", tz="UTC"))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # not a date (February 30th)
+                return None
+        elif column.type == "numeric":
+            if pc.all(pc.match_substring_regex(array, _PLAIN_DECIMAL_COLUMN)).as_py() not in (True, None):
+                return None
+            try:
+                array = array.cast(pa.decimal128(38, column.scale or 0))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # more digits than the scale, or than 38
+                return None
+        arrays.append(array)
+    return ChangeColumns(
+        table=table,
+        rows=pa.Table.from_arrays(arrays, names=names),
+        keys=keys,
+        versions=versions,
+        deletes=deletes,
     )
 
 

@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Context, Decimal, InvalidOperation
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from knowton_pipeline.catalog import Column, SyncedTable
+
+if TYPE_CHECKING:
+    from knowton_pipeline.lib.debezium import ChangeColumns
 
 CLICKHOUSE_VERSION_COLUMN = "version"
 CLICKHOUSE_DELETED_COLUMN = "is_deleted"
@@ -309,6 +314,33 @@ def to_clickhouse_row(table: SyncedTable, row: Mapping[str, Any], *, version: in
     values.append(version)
     values.append(1 if deleted else 0)
     return values
+
+
+def clickhouse_block(changes: ChangeColumns, *, tombstones_below: int = 0) -> pa.Table:
+    """The mirror rows of a batch read as columns, as one Arrow table in `clickhouse_columns` order: what
+    `to_clickhouse_row` gives for the last change of each key (`sync.apply.latest_per_key`), with a live row
+    versioned below `tombstones_below` (its table's newest truncate) written as a tombstone."""
+    plan = _plan(changes.table)
+    versions = changes.versions
+    latest: dict[tuple[Any, ...], int] = {}
+    for i, key in enumerate(changes.keys):
+        j = latest.get(key)
+        if j is None or versions[i] >= versions[j]:
+            latest[key] = i
+    kept = sorted(latest.values())
+    rows = changes.rows.take(kept) if len(kept) < len(versions) else changes.rows
+    deletes = changes.deletes
+    columns = []
+    for column in plan.columns:
+        values = rows.column(column.name)
+        if not column.nullable and values.null_count:
+            # Only a delete leaves NULL here (it carries just its key): the neutral stand-in `to_clickhouse_row`
+            # writes, which the mirror never shows.
+            values = values.fill_null(pa.scalar(column.neutral(), type=values.type))
+        columns.append(values)
+    columns.append(pa.array([versions[i] for i in kept], type=pa.uint64()))
+    columns.append(pa.array([1 if deletes[i] or versions[i] < tombstones_below else 0 for i in kept], type=pa.uint8()))
+    return pa.Table.from_arrays(columns, names=list(plan.clickhouse_columns))
 
 
 # ---------------------------------------------------------------------------------------------------------------

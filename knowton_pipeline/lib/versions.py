@@ -45,10 +45,13 @@ restore into a new cluster LSNs start lower, and every write is refused as stale
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # The row the anchor writes: Debezium's own heartbeat row, so the anchor looks like one more heartbeat.
 ANCHOR_SQL = "INSERT INTO ops.heartbeat (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
@@ -104,6 +107,32 @@ def stream_version(op: str, lsn: int, sequence: Any) -> int:
         return max(lsn - 1, 1)
     last_commit = last_commit_lsn(sequence)
     return lsn if last_commit is None else max(last_commit, lsn)
+
+
+# Debezium's usual `sequence`, its lastCommitLsn captured; 18 digits at most, so it is within MAX_VERSION.
+_USUAL_SEQUENCE = r'^\["(?P<last_commit>[0-9]{1,18})","[0-9]{1,18}"\]$'
+
+
+def stream_versions(ops: Sequence[str], lsns: Sequence[int], sequences: Sequence[Any]) -> list[int]:
+    """`stream_version` of each change of a batch, computed over the batch as columns (Arrow): the hot path of a sink
+    that reads a batch as columns. A change of another kind (a snapshot read, a sequence in another spelling) is
+    given its version one by one."""
+    if not ops:
+        return []
+    try:
+        lsn = pa.array(lsns, pa.int64())
+        sequence = pa.array(sequences, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # beyond 64 bits, or not text: one by one
+        return [stream_version(*change) for change in zip(ops, lsns, sequences, strict=True)]
+    last_commit = pc.struct_field(pc.extract_regex(sequence, _USUAL_SEQUENCE), [0]).cast(pa.int64())
+    versions = pc.max_element_wise(lsn, last_commit, skip_nulls=True).to_pylist()
+    odd = pc.and_(pc.is_null(last_commit), pc.is_valid(sequence))
+    if "r" in ops:
+        odd = pc.or_(odd, pc.equal(pa.array(ops, pa.string()), "r"))
+    if pc.any(odd).as_py():
+        for i in pc.indices_nonzero(odd).to_pylist():
+            versions[i] = stream_version(ops[i], lsns[i], sequences[i])
+    return versions
 
 
 def anchor_position(conn: psycopg.Connection) -> int:

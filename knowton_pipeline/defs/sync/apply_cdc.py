@@ -27,7 +27,10 @@ SINK_STORE = "clickhouse"
 
 class ApplyCdcConfig(dg.Config):
     max_seconds: float = 600.0
-    batch_size: int = 2000
+    batch_size: int | None = Field(
+        default=None,
+        description="Changes per batch; by default each store's own (ClickHouse 20000, Elasticsearch 2000).",
+    )
     max_retry_seconds: float = 300.0
     stores: list[str] = Field(
         default=[SINK_STORE],

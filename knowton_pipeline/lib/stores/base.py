@@ -178,7 +178,13 @@ class Writer(Protocol):
 
     A write either succeeds, is refused for good (poison: returned in the outcome, for the DLQ), or the store is
     unavailable or refuses writes store-wide (`TransientStoreError`: the caller retries the whole batch, harmless
-    because every write carries its version). Errors are classified by cause, never by how many rows failed."""
+    because every write carries its version). Errors are classified by cause, never by how many rows failed.
+
+    A writer whose `takes_columns` is true also takes a batch's usual changes of a table as columns
+    (`prepare_columns(prepared, changes, tombstones_below=..., items=...)`, see `ClickHouseWriter`): the same
+    writes as `prepare(items())`, with no object per row."""
+
+    takes_columns: bool
 
     def prepare(self, items: Sequence[WriteItem]) -> Prepared:
         """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
@@ -213,6 +219,7 @@ class TargetStore(Protocol):
     title: str  # "ClickHouse": in messages
     shape: Shape  # which columns its canonical rows cover
     dlq_topic: str  # where records it refuses on their own go
+    batch_size: int  # changes its sink takes per batch unless configured otherwise
 
     def holds(self, table: SyncedTable) -> bool:
         """Whether this store keeps a copy of `table` (a mirror, an index)."""

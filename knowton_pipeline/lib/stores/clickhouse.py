@@ -13,9 +13,11 @@ import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from clickhouse_connect.driver import exceptions as ch_errors
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 
@@ -46,10 +48,14 @@ from knowton_pipeline.lib.stores.base import (
 from knowton_pipeline.lib.transform import (
     CLICKHOUSE_DELETED_COLUMN,
     CLICKHOUSE_VERSION_COLUMN,
+    clickhouse_block,
     clickhouse_columns,
     format_timestamp,
     to_clickhouse_row,
 )
+
+if TYPE_CHECKING:
+    from knowton_pipeline.lib.debezium import ChangeColumns
 
 # ---------------------------------------------------------------------------------------------------------------
 # ClickHouse spellings: expressions over the mirror's columns (the transform's output: String, Int32/Int64, Bool,
@@ -418,9 +424,27 @@ def _clickhouse_store_error(target: str, exc: BaseException) -> TransientStoreEr
     return StoreRefusedError(f"ClickHouse refuses writes to {target} ({name}); holding the batch: {exc}")
 
 
+@dataclass(frozen=True)
+class _Block:
+    """A batch's changes of one table read as columns, for one Arrow insert. `items` gives the same changes one
+    by one: when ClickHouse refuses a value in the block, the rows at fault are found the row-by-row way."""
+
+    table: SyncedTable
+    rows: pa.Table
+    items: Callable[[], list[WriteItem]]
+
+
+@dataclass
+class _Payload:
+    rows: dict[str, list[tuple[WriteItem, list[Any]]]] = field(default_factory=lambda: defaultdict(list))
+    blocks: list[_Block] = field(default_factory=list)
+
+
 class ClickHouseWriter:
     # Mirrors hold the row as it is; search documents also show fields of other tables.
     enriched_rows = False
+    # A mirror takes a batch's changes of a table as columns (`prepare_columns`): one Arrow insert, no row objects.
+    takes_columns = True
 
     def __init__(self, client: ClickHouseClient, database: str = CLICKHOUSE_DATABASE):
         self.client = client
@@ -464,7 +488,7 @@ class ClickHouseWriter:
     def prepare(self, items: Sequence[WriteItem]) -> Prepared:
         """Transform (CPU only, no I/O): can run on another thread while the previous batch is sent."""
         out = WriteOutcome()
-        by_table: dict[str, list[tuple[WriteItem, list[Any]]]] = defaultdict(list)
+        payload = _Payload()
         for item in items:
             try:
                 row = to_clickhouse_row(item.table, item.row, version=item.version, deleted=item.deleted)
@@ -472,12 +496,38 @@ class ClickHouseWriter:
                 out.poison.append((item, exc))
                 continue
             # (Only after the transform: a table whose every row is refused must leave no empty batch to send.)
-            by_table[item.table.name].append((item, row))
-        return Prepared(out, by_table)
+            payload.rows[item.table.name].append((item, row))
+        return Prepared(out, payload)
+
+    def prepare_columns(
+        self,
+        prepared: Prepared,
+        changes: ChangeColumns,
+        *,
+        tombstones_below: int,
+        items: Callable[[], list[WriteItem]],
+    ) -> None:
+        """Add a batch's changes of one table, read as columns, to what `prepare` made ready: one Arrow insert of
+        the rows `items` would give one by one (see `transform.clickhouse_block`)."""
+        rows = clickhouse_block(changes, tombstones_below=tombstones_below)
+        prepared.payload.blocks.append(_Block(changes.table, rows, items))
 
     def send(self, prepared: Prepared) -> WriteOutcome:
-        out, by_table = prepared.outcome, prepared.payload
-        for pairs in by_table.values():
+        out, payload = prepared.outcome, prepared.payload
+        for block in payload.blocks:
+            target = f"{self.database}.{block.table.clickhouse_table}"
+            try:
+                self.client.insert_arrow(target, block.rows)
+                out.written += block.rows.num_rows
+                continue
+            except Exception as exc:
+                if clickhouse_fault(exc) == "store":
+                    raise _clickhouse_store_error(target, exc) from exc
+            # A value was refused: the row-by-row way isolates the rows at fault, for the DLQ.
+            rest = self.send(self.prepare(block.items()))
+            out.written += rest.written
+            out.poison += rest.poison
+        for pairs in payload.rows.values():
             table = pairs[0][0].table
             target = f"{self.database}.{table.clickhouse_table}"
             try:
@@ -635,6 +685,8 @@ class ClickHouseStore:
     title = "ClickHouse"
     shape: Shape = "mirror"
     dlq_topic = "dlq-clickhouse-failed"
+    # Changes a sink takes per batch: each insert makes a part on disk, so ClickHouse wants few large ones.
+    batch_size = 20_000
 
     def holds(self, table: SyncedTable) -> bool:
         return True

@@ -670,6 +670,7 @@ def elasticsearch_fault(status: int, error_type: str | None) -> str:
 
 class ElasticsearchWriter:
     enriched_rows = True
+    takes_columns = False  # a document is more than its row: built one by one (`changed_documents`)
 
     def __init__(self, es: Elasticsearch, *, index_names: Mapping[str, str] | None = None):
         """`index_names` maps an alias to another index to write to (a rebuild or a benchmark)."""
@@ -940,6 +941,7 @@ class ElasticsearchStore:
     title = "Elasticsearch"
     shape: Shape = "document"
     dlq_topic = "dlq-elasticsearch-failed"
+    batch_size = 2_000  # changes a sink takes per batch: one bulk request of a few megabytes
 
     def holds(self, table: SyncedTable) -> bool:
         return table.elasticsearch_index is not None

@@ -36,7 +36,14 @@ from elasticsearch import ApiError
 
 from knowton_pipeline.catalog import CDC_TABLES, Dependency, SyncedTable, UnknownTableError, documents_fed_by
 from knowton_pipeline.catalog import table as catalog_table
-from knowton_pipeline.lib.debezium import ChangeEvent, MalformedEventError, decode_event
+from knowton_pipeline.lib.debezium import (
+    ChangeColumns,
+    ChangeEvent,
+    MalformedEventError,
+    decode_event,
+    read_change_columns,
+    table_for_topic,
+)
 from knowton_pipeline.lib.maintenance import check_not_below_horizon, purge_horizon
 from knowton_pipeline.lib.stores import TARGETS, TargetStore, TransientStoreError, WriteItem, WriteOutcome, Writer
 from knowton_pipeline.lib.stores.base import Prepared
@@ -79,6 +86,7 @@ class ApplyStats:
     seconds: float = 0.0
     lag: int = 0
     per_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    columnar: int = 0  # of `events`, those read as columns (`debezium.read_change_columns`)
 
     def summary(self) -> str:
         rate = self.events / self.seconds if self.seconds else 0.0
@@ -101,6 +109,7 @@ class ApplyStats:
             out.batches += p.batches
             out.seconds = max(out.seconds, p.seconds)
             out.lag = max(out.lag, p.lag)
+            out.columnar += p.columnar
             for store in TARGETS:
                 out.written[store] += p.written.get(store, 0)
                 out.dead_lettered[store] += p.dead_lettered.get(store, 0)
@@ -114,7 +123,7 @@ class ApplyConfig:
     bootstrap: str
     group_id: str | None = None  # None: the store's own group, `sink_group(store)`
     topics: tuple[str, ...] = tuple(t.topic for t in CDC_TABLES)
-    batch_size: int = 2000
+    batch_size: int | None = None  # None: the store's own (`TargetStore.batch_size`)
     max_retry_seconds: float = 300.0
     backoff_initial: float = 0.5
     backoff_max: float = 15.0
@@ -189,6 +198,7 @@ class CdcSink:
         self.client = client
         self.group_id = config.group_id or sink_group(store)
         self.writer = writer or self.store.writer(client)
+        self.batch_size = config.batch_size or self.store.batch_size
         self.pg_conninfo = dict(pg_conninfo)
         self.on_progress = on_progress
         self.producer = dlq.make_producer(config.bootstrap)
@@ -213,6 +223,10 @@ class CdcSink:
                 "session.timeout.ms": 10_000,  # a sink that died hands its partitions over within seconds
                 "heartbeat.interval.ms": 2_000,
                 "fetch.wait.max.ms": 100,  # a change is fetched within a tenth of a second of its arrival
+                # A backlog comes in large fetches (the default takes 1 MB of a partition per round trip).
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
+                # When the prefetch queue is full, fetch again as soon as it has room, not a second later.
+                "fetch.queue.backoff.ms": 10,
                 "topic.metadata.refresh.interval.ms": 30_000,  # partitions added to a topic are taken up soon
             }
         )
@@ -234,6 +248,7 @@ class CdcSink:
         consumer = self._consumer()
         assigned = threading.Event()
         targets: dict[tuple[str, int], int] = {}
+        firsts: dict[tuple[str, int], int] = {}
         if until_caught_up:
             # A run that stops when caught up takes its partitions directly from the group's committed
             # offsets: no rebalance to wait for. A long-running sink joins the group instead, and shares the
@@ -243,7 +258,7 @@ class CdcSink:
             # Caught up means: past every record that was there when the run started. Changes that keep arriving
             # are the next run's, so a run under a steady write load still ends and yields what it holds (the
             # embedded ClickHouse engine, a pool slot).
-            targets = self._ends_at_start(consumer, starts)
+            targets, firsts = self._ends_at_start(consumer, starts)
             assigned.set()
         else:
 
@@ -273,7 +288,13 @@ class CdcSink:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
                     break
-                msgs = consumer.consume(num_messages=self.config.batch_size, timeout=0.1 if self._inflight else 0.5)
+                want = self.batch_size
+                if until_caught_up:
+                    # Never more than is left to the ends: the last batch is not kept waiting to fill up.
+                    want = min(want, _left_to_read(consumer, targets, firsts))
+                    if not want and self._inflight is None:
+                        break  # everything up to the ends is written and committed
+                msgs = consumer.consume(num_messages=want, timeout=0.1 if self._inflight else 0.5) if want else []
                 msgs = [m for m in msgs if not _is_eof_or_error(m)]
                 batch = self._prepare_with_retry(msgs, stats) if msgs else None
                 if self._inflight is not None:
@@ -331,15 +352,18 @@ class CdcSink:
             raise TransientStoreError(f"reading the newest versions failed: {type(exc).__name__}: {exc}") from exc
         check_source_not_behind(source, newest)
 
-    def _ends_at_start(self, consumer: Consumer, starts: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        """The end of each partition that holds records past where this run starts."""
-        targets = {}
+    def _ends_at_start(
+        self, consumer: Consumer, starts: list[TopicPartition]
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """The end of each partition that holds records past where this run starts, and where it starts."""
+        targets, firsts = {}, {}
         for tp in starts:
             low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
             start = tp.offset if tp.offset >= 0 else low
             if high > start:
                 targets[(tp.topic, tp.partition)] = high
-        return targets
+                firsts[(tp.topic, tp.partition)] = start
+        return targets, firsts
 
     def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
         meta = consumer.list_topics(timeout=10).topics
@@ -470,10 +494,10 @@ class CdcSink:
 
     def prepare_batch(self, msgs: Sequence[Message]) -> _Batch:
         """Decode and transform a batch, ready to send: reads PostgreSQL (truncates, enrichment), writes no store."""
+        columns, tombstones, one_by_one = self._read_as_columns(msgs) if self.writer.takes_columns else ([], 0, msgs)
         events: list[tuple[ChangeEvent, Message]] = []
         letters: list[dlq.DeadLetter] = []
-        tombstones = 0
-        for msg in msgs:
+        for msg in one_by_one:
             try:
                 event = decode_event(msg.topic(), msg.key(), msg.value())
             except (MalformedEventError, UnknownTableError) as exc:
@@ -489,7 +513,57 @@ class CdcSink:
 
         truncated = truncate_horizons(self._pg_conn(), [e for e, _ in events if e.is_truncate])
         items = [below_truncate(item, truncated) for item in target_items(self.store, events, self._pg_conn)]
-        return _Batch(list(msgs), events, letters, tombstones, self.writer.prepare(items))
+        prepared = self.writer.prepare(items)
+        for changes, group in columns:
+            self.writer.prepare_columns(  # type: ignore[attr-defined]
+                prepared,
+                changes,
+                tombstones_below=truncated.get(changes.table.name, 0),
+                items=lambda group=group: [  # type: ignore[misc]
+                    below_truncate(item, truncated) for item in mirror_items(_decoded(group))
+                ],
+            )
+        counted = [(changes.table.name, len(changes)) for changes, _ in columns]
+        return _Batch(list(msgs), events, letters, tombstones, prepared, counted)
+
+    def _read_as_columns(
+        self, msgs: Sequence[Message]
+    ) -> tuple[list[tuple[ChangeColumns, list[Message]]], int, list[Message]]:
+        """The batch's records of each table, read as columns where they are all usual changes (a mirror writes them
+        as they are); the tombstones among those; and the records to decode one by one, in their order."""
+        topics = list(map(Message.topic, msgs))
+        by_topic: dict[str, list[Message]] = defaultdict(list)
+        if len(set(topics)) == 1:
+            by_topic[topics[0]] = list(msgs)
+        else:
+            for topic, msg in zip(topics, msgs, strict=True):
+                by_topic[topic].append(msg)
+        columns: list[tuple[ChangeColumns, list[Message]]] = []
+        tombstones = 0
+        one_by_one: list[Message] = []
+        for topic, group in by_topic.items():
+            changes = None
+            try:
+                table = table_for_topic(topic)
+            except UnknownTableError:
+                table = None
+            if table is not None and self.store.holds(table):
+                values = list(map(Message.value, group))
+                keys = list(map(Message.key, group))
+                if None in values:  # tombstones: nothing to write for them
+                    keys = [k for k, v in zip(keys, values, strict=True) if v is not None]
+                    values = [v for v in values if v is not None]
+                changes = read_change_columns(table, keys, values)
+            if changes is None:
+                one_by_one += group
+                continue
+            # A change older than the purge horizon could resurrect a purged delete (see `prepare_batch`).
+            check_not_below_horizon(
+                min(changes.versions), self._horizon, f"a change of {changes.table.name} in {topic}"
+            )
+            tombstones += len(group) - len(changes)
+            columns.append((changes, group))
+        return columns, tombstones, one_by_one
 
     def finish_batch(self, batch: _Batch, outcome: WriteOutcome, stats: ApplyStats) -> None:
         """After the batch's writes: its truncates, its dead letters, its counts."""
@@ -502,7 +576,8 @@ class CdcSink:
 
         dlq.publish(self.producer, letters)
         # Counted only once the batch has fully succeeded (a retried batch is not counted twice).
-        stats.events += len(batch.events)
+        stats.columnar += sum(n for _, n in batch.counted)
+        stats.events += len(batch.events) + sum(n for _, n in batch.counted)
         stats.tombstones += batch.tombstones
         stats.written[self.store.name] += outcome.written
         stats.stale += outcome.stale
@@ -510,6 +585,8 @@ class CdcSink:
             stats.dead_lettered[letter.target] += 1
         for e, _ in batch.events:
             stats.per_table[e.table.name] += 1
+        for name, n in batch.counted:
+            stats.per_table[name] += n
 
 
 @dataclass(frozen=True)
@@ -521,6 +598,7 @@ class _Batch:
     letters: list[dlq.DeadLetter]  # records that failed to decode
     tombstones: int
     prepared: Prepared
+    counted: list[tuple[str, int]] = field(default_factory=list)  # changes read as columns: (table, how many)
 
 
 @dataclass(frozen=True)
@@ -723,11 +801,34 @@ def changed_documents(
     return items
 
 
+def _decoded(msgs: Sequence[Message]) -> list[tuple[ChangeEvent, Message]]:
+    """Records already read as columns, decoded one by one (`read_change_columns` took them: none is refused)."""
+    events = []
+    for m in msgs:
+        event = decode_event(m.topic(), m.key(), m.value())
+        if event is not None:
+            events.append((event, m))
+    return events
+
+
 def _letters(target: str, outcome: WriteOutcome) -> list[dlq.DeadLetter]:
     letters = []
     for item, exc in outcome.poison:
         letters += [dlq.DeadLetter.from_failure(target, m, exc) for m in item.sources]
     return letters
+
+
+def _left_to_read(
+    consumer: Consumer, ends: Mapping[tuple[str, int], int], firsts: Mapping[tuple[str, int], int]
+) -> int:
+    """Records between what `consumer` has consumed (its positions, no broker round trip) and `ends`."""
+    if not ends:
+        return 0
+    left = 0
+    for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
+        key = (tp.topic, tp.partition)
+        left += max(0, ends[key] - (tp.offset if tp.offset >= 0 else firsts[key]))
+    return left
 
 
 def _is_eof_or_error(msg: Message) -> bool:
@@ -747,9 +848,14 @@ def commit(consumer: Consumer, msgs: Sequence[Message]) -> dict[tuple[str, int],
     Each offset carries the timestamp of the record before it as metadata, so how far the apply has got in
     time is one committed-offset read away (end-to-end lag without fetching a record)."""
     records = []
-    for m in msgs:
+    seen = set()
+    for m in reversed(msgs):  # a partition's records come in offset order: its last one is its highest
+        partition = (m.topic(), m.partition())
+        if partition in seen:
+            continue
+        seen.add(partition)
         kind, ms = m.timestamp()
-        records.append((m.topic(), m.partition(), m.offset(), ms if kind != TIMESTAMP_NOT_AVAILABLE else -1))
+        records.append((*partition, m.offset(), ms if kind != TIMESTAMP_NOT_AVAILABLE else -1))
     offsets = offsets_to_commit(records)
     consumer.commit(offsets=offsets, asynchronous=False)
     return {(tp.topic, tp.partition): tp.offset for tp in offsets}

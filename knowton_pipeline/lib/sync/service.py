@@ -80,7 +80,7 @@ def serve(
     *,
     status_path: Path | None,
     stop: threading.Event,
-    batch_size: int = 2000,
+    batch_size: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> int:
     """Run the store's sink until `stop` is set; any failure is logged, waited out with backoff and retried."""
