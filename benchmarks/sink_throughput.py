@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ch.command(f"DROP DATABASE IF EXISTS {BENCH_DB}")
     read = statistics.median(reads)
     print(
-        f"\n{'store':<14} {'events':>8} {'sink events/s':>14} {'raw rows/s':>11} {'ratio':>6} "
+        f"\n{'store':<19} {'events':>8} {'sink events/s':>14} {'raw rows/s':>11} {'ratio':>6} "
         f"{'read events/s':>14} {'read / raw':>10}"
     )
     for store, f in figures.items():
         sink, raw = statistics.median(f["sink"]), statistics.median(f["raw"])
         print(
-            f"{store:<14} {len(events):>8,} {sink:>14,.0f} {raw:>11,.0f} {sink / raw:>6.2f} {read:>14,.0f} {read / raw:>10.2f}"
+            f"{store:<19} {len(events):>8,} {sink:>14,.0f} {raw:>11,.0f} {sink / raw:>6.2f} {read:>14,.0f} {read / raw:>10.2f}"
         )
     print(
         f"medians of {args.repeat} runs each; ratio = sink / raw (aim: >= 0.7); read = the backlog consumed from Kafka "
