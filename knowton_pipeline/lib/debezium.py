@@ -466,6 +466,21 @@ def _struct_fields(columns: tuple[Column, ...]) -> list[tuple[str, Any]]:
     return [(c.name, _PYTHON_TYPES[c.type] | None if c.nullable else _PYTHON_TYPES[c.type]) for c in columns]
 
 
+def _envelope_decoder(name: str, before: type, after: type) -> msgspec.json.Decoder[Any]:
+    """A decoder of the usual envelope: an insert, update, delete or snapshot read with its source and images."""
+    envelope = msgspec.defstruct(
+        name,
+        [
+            ("op", Literal["c", "u", "d", "r"]),
+            ("source", _Source),
+            ("before", before | None, None),
+            ("after", after | None, None),
+        ],
+        gc=False,  # nothing in an event refers back to it: no cycles for the collector to look for
+    )
+    return msgspec.json.Decoder(envelope)
+
+
 @dataclass(frozen=True)
 class _FastReader:
     envelope: msgspec.json.Decoder[Any]
@@ -488,18 +503,8 @@ def _fast_reader(table: SyncedTable) -> _FastReader | None:
         _, by_name = _codecs(table)
         row = msgspec.defstruct(f"{table.name}Row", _struct_fields(table.columns), gc=False)
         key_columns = tuple(table.column(k) for k in table.key)
-        envelope = msgspec.defstruct(
-            f"{table.name}Event",
-            [
-                ("op", Literal["c", "u", "d", "r"]),
-                ("source", _Source),
-                ("before", row | None, None),
-                ("after", row | None, None),
-            ],
-            gc=False,  # nothing in an event refers back to it: no cycles for the collector to look for
-        )
         reader = _FastReader(
-            envelope=msgspec.json.Decoder(envelope),
+            envelope=_envelope_decoder(f"{table.name}Event", row, row),
             key=msgspec.json.Decoder(msgspec.defstruct(f"{table.name}Key", _struct_fields(key_columns), gc=False)),
             after_parse=tuple(by_name[c.name] for c in table.columns if c.type in _AFTER_PARSE),
             key_after_parse=tuple(by_name[c.name] for c in key_columns if c.type in _AFTER_PARSE),
@@ -624,19 +629,9 @@ def _columns_reader(table: SyncedTable) -> _ColumnsReader | None:
         # The old image is read for its key only: a delete applies from it, an update's row is its new image.
         old_key = msgspec.defstruct(f"{table.name}OldKey", _struct_fields(key_columns), gc=False)
         row = msgspec.defstruct(f"{table.name}Columns", _struct_fields(table.columns), gc=False)
-        envelope = msgspec.defstruct(
-            f"{table.name}ColumnsEvent",
-            [
-                ("op", Literal["c", "u", "d", "r"]),
-                ("source", _Source),
-                ("before", old_key | None, None),
-                ("after", row | None, None),
-            ],
-            gc=False,
-        )
         names = [c.name for c in table.columns]
         reader = _ColumnsReader(
-            envelope=msgspec.json.Decoder(envelope),
+            envelope=_envelope_decoder(f"{table.name}ColumnsEvent", old_key, row),
             key=usual.key,
             schema=pa.schema([pa.field(n, t) for n, t in zip(names, types, strict=True)]),
             key_positions=tuple(names.index(k) for k in table.key),
