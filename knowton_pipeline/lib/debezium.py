@@ -624,8 +624,10 @@ def _columns_reader(table: SyncedTable) -> _ColumnsReader | None:
     reader = None
     usual = _fast_reader(table)
     types = [_arrow_type(c) for c in table.columns]
-    if usual is not None and all(t is not None for t in types):
-        key_columns = tuple(table.column(k) for k in table.key)
+    key_columns = tuple(table.column(k) for k in table.key)
+    # A key spelled as a string (numeric, timestamptz) would be compared and kept by its spelling: one by one.
+    plain_key = all(c.type not in _AFTER_PARSE for c in key_columns)
+    if usual is not None and plain_key and all(t is not None for t in types):
         # The old image is read for its key only: a delete applies from it, an update's row is its new image.
         old_key = msgspec.defstruct(f"{table.name}OldKey", _struct_fields(key_columns), gc=False)
         row = msgspec.defstruct(f"{table.name}Columns", _struct_fields(table.columns), gc=False)
@@ -693,8 +695,8 @@ def read_change_columns(
     if max(versions) > MAX_VERSION:
         return None
     arrays = []
-    for column, field, values in zip(table.columns, reader.schema, columns, strict=True):
-        array = pa.array(values, type=field.type)
+    for column, field, column_values in zip(table.columns, reader.schema, columns, strict=True):
+        array = pa.array(column_values, type=field.type)
         if column.type == "timestamptz":
             if pc.all(pc.match_substring_regex(array, _USUAL_TIMESTAMP_COLUMN)).as_py() not in (True, None):
                 return None

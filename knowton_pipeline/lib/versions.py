@@ -109,8 +109,9 @@ def stream_version(op: str, lsn: int, sequence: Any) -> int:
     return lsn if last_commit is None else max(last_commit, lsn)
 
 
-# Debezium's usual `sequence`, its lastCommitLsn captured; 18 digits at most, so it is within MAX_VERSION.
-_USUAL_SEQUENCE = r'^\["(?P<last_commit>[0-9]{1,18})","[0-9]{1,18}"\]$'
+# Debezium's usual `sequence` (lastCommitLsn may be null), its lastCommitLsn captured; 18 digits at most, so it is
+# within MAX_VERSION.
+_USUAL_SEQUENCE = r'^\[(?:null|"(?P<last_commit>[0-9]{1,18})"),"[0-9]{1,18}"\]$'
 
 
 def stream_versions(ops: Sequence[str], lsns: Sequence[int], sequences: Sequence[Any]) -> list[int]:
@@ -124,9 +125,11 @@ def stream_versions(ops: Sequence[str], lsns: Sequence[int], sequences: Sequence
         sequence = pa.array(sequences, pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # beyond 64 bits, or not text: one by one
         return [stream_version(*change) for change in zip(ops, lsns, sequences, strict=True)]
-    last_commit = pc.struct_field(pc.extract_regex(sequence, _USUAL_SEQUENCE), [0]).cast(pa.int64())
+    usual = pc.extract_regex(sequence, _USUAL_SEQUENCE)
+    captured = pc.struct_field(usual, [0])  # "" where lastCommitLsn is null
+    last_commit = pc.if_else(pc.equal(captured, ""), None, captured).cast(pa.int64())
     versions = pc.max_element_wise(lsn, last_commit, skip_nulls=True).to_pylist()
-    odd = pc.and_(pc.is_null(last_commit), pc.is_valid(sequence))
+    odd = pc.and_(pc.is_null(usual), pc.is_valid(sequence))
     if "r" in ops:
         odd = pc.or_(odd, pc.equal(pa.array(ops, pa.string()), "r"))
     if pc.any(odd).as_py():

@@ -153,6 +153,8 @@ def test_the_block_of_a_batch_holds_the_rows_the_row_by_row_way_writes(
                 st.none(),
                 st.integers(0, 2**64).map(lambda n: f'["{n}","{n + 7}"]'),
                 st.integers(0, 2**63).map(lambda n: f'[null,"{n}"]'),
+                st.integers(0, 10**18).map(lambda n: f'[null,"{n}"]'),
+                st.integers(0, 10**18).map(lambda n: f'["{n}","{n + 7}"]'),
                 st.tuples(st.integers(-5, 2**64), st.integers(-5, 2**64)).map(
                     lambda p: json.dumps([str(p[0]), str(p[1])])
                 ),

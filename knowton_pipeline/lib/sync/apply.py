@@ -531,13 +531,9 @@ class CdcSink:
     ) -> tuple[list[tuple[ChangeColumns, list[Message]]], int, list[Message]]:
         """The batch's records of each table, read as columns where they are all usual changes (a mirror writes them
         as they are); the tombstones among those; and the records to decode one by one, in their order."""
-        topics = list(map(Message.topic, msgs))
         by_topic: dict[str, list[Message]] = defaultdict(list)
-        if len(set(topics)) == 1:
-            by_topic[topics[0]] = list(msgs)
-        else:
-            for topic, msg in zip(topics, msgs, strict=True):
-                by_topic[topic].append(msg)
+        for msg in msgs:
+            by_topic[msg.topic()].append(msg)
         columns: list[tuple[ChangeColumns, list[Message]]] = []
         tombstones = 0
         one_by_one: list[Message] = []
