@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -22,28 +23,15 @@ def test_every_job_launches_from_the_command_line_against_the_demo_instance(stac
     marker = f"launch-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **settings.export_env(include_secrets=True), "DAGSTER_HOME": str(settings.dagster_home)}
     dagster = str(Path(sys.executable).parent / "dagster")
-    failures = {}
-    for job in jobs:
-        done = subprocess.run(
-            [
-                dagster,
-                "job",
-                "launch",
-                "-w",
-                "workspace.yaml",
-                "-j",
-                job,
-                "--tags",
-                json.dumps({"knowton/test": marker}),
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        if done.returncode != 0:
-            failures[job] = done.stderr[-800:]
+
+    def launch(job: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        command = [dagster, "job", "launch", "-w", "workspace.yaml", "-j", job]
+        command += ["--tags", json.dumps({"knowton/test": marker})]
+        return job, subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+    # Two launches at a time: each is a process that mostly loads the code location.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = {job: done.stderr[-800:] for job, done in pool.map(launch, jobs) if done.returncode != 0}
     with dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"knowton/test": marker}))
         launched = sorted(r.job_name for r in runs)

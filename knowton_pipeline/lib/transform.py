@@ -14,6 +14,7 @@ from decimal import Context, Decimal, InvalidOperation
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pyarrow as pa
 
 from knowton_pipeline.catalog import Column, SyncedTable
@@ -101,6 +102,48 @@ def format_timestamp(value: datetime) -> str:
 def canonical_json(value: Any) -> str:
     """jsonb as canonical JSON text: sorted keys, no spaces, UTF-8 kept, NaN and Infinity refused."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# Floats orjson writes as Python's repr does (checked in lib/test_transform.py): zero, and from 1e-4 up to 1e16,
+# where both write plain digits. Outside, repr writes an exponent and orjson a different one.
+_PLAIN_FLOAT_LOW, _PLAIN_FLOAT_HIGH = 1e-4, 1e16
+
+
+def _orjson_spells(value: Any) -> bool:
+    """Whether orjson writes every float in `value` as repr does."""
+    kind = type(value)
+    if kind is float:
+        return value == 0 or _PLAIN_FLOAT_LOW <= abs(value) < _PLAIN_FLOAT_HIGH
+    if kind is dict:
+        for v in value.values():
+            if type(v) in _CONTAINERS_OR_FLOAT and not _orjson_spells(v):
+                return False
+    elif kind is list:
+        for v in value:
+            if type(v) in _CONTAINERS_OR_FLOAT and not _orjson_spells(v):
+                return False
+    return True
+
+
+_CONTAINERS_OR_FLOAT = (dict, list, float)
+
+
+def canonical_json_text(text: bytes) -> str:
+    """`canonical_json(json.loads(text))`: jsonb text (as PostgreSQL prints it) as the mirror's canonical JSON.
+
+    orjson reads and writes the usual value: its sorted keys, separators, string escapes and the floats it spells
+    like repr are json.dumps's, and it reads numbers as json does (`lib/test_transform.py` holds them equal). json
+    does the rest: a float outside orjson's plain range (which takes in every integer beyond 64 bits: orjson reads
+    those as floats of 9.2e18 or more) and what orjson does not read. ValueError as `canonical_json` raises it (not
+    JSON, NaN or an infinity)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if _orjson_spells(value):
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return canonical_json(json.loads(text))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ from knowton_pipeline.lib.stores.elasticsearch import (
     es_source_fields,
     row_from_es_source,
 )
+from knowton_pipeline.lib.stores.postgres import MirrorRecords, mirror_rows_copy_sql
 from knowton_pipeline.lib.stores.postgres import derived_sql as postgres_derived_sql
-from knowton_pipeline.lib.stores.postgres import mirror_rows_copy_sql
 from knowton_pipeline.lib.stores.postgres import segment_checksum as postgres_segment_checksum
 from knowton_pipeline.lib.stores.postgres import segment_rows_sql as postgres_segment_rows_sql
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
@@ -325,9 +325,11 @@ def copy_into_mirror(scratch: Scratch, synced: SyncedTable) -> dict[tuple, tuple
     mirror's JSON in a COPY, ClickHouse parses them), read back as canonical rows and hashes."""
     scratch.ch.command(f"TRUNCATE TABLE {scratch.ch_copy_database}.{synced.clickhouse_table}")
     copy_sql = mirror_rows_copy_sql(synced, sql.SQL("true"), 7, relation=scratch.relation(synced))
+    records = MirrorRecords(synced)
     with scratch.pg.cursor() as cur, cur.copy(copy_sql) as copy:
-        block = b"".join(bytes(line) for line in copy)
-    assert ClickHouseWriter(scratch.ch, database=scratch.ch_copy_database).insert_json_rows(synced, block)
+        block = b"".join(records.line(bytes(record)) for record in copy)
+    writer = ClickHouseWriter(scratch.ch, database=scratch.ch_copy_database)
+    assert writer.insert_json_rows(synced, records.columns, block)
     return clickhouse_rows(scratch, synced, scratch.ch_copy_database)
 
 
@@ -370,6 +372,19 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
     copied = copy_into_mirror(scratch, synced)
     assert_same({k: v[0] for k, v in ch.items()}, clickhouse_copied={k: v[0] for k, v in copied.items()})
     assert {k: v[1] for k, v in copied.items()} == hashes
+    # ...and its jsonb text byte for byte: what the row transform makes of the row as PostgreSQL gives it back.
+    jsonb = [c for c in synced.columns if c.type == "jsonb"]
+    if jsonb:
+        key_name = synced.column(synced.key[0]).target_name
+        names = ", ".join(c.target_name for c in jsonb)
+        query = f"SELECT {key_name}, {names} FROM {scratch.ch_copy_database}.{synced.clickhouse_table}"
+        stored = {r[0]: list(r[1:]) for r in scratch.ch.query(query).result_rows}
+        positions = [clickhouse_columns(synced).index(c.target_name) for c in jsonb]
+        transformed = {}
+        for r in postgres_python_rows(scratch, synced):
+            mirror_row = to_clickhouse_row(synced, r, version=7, deleted=False)
+            transformed[r[synced.key[0]]] = [mirror_row[p] for p in positions]
+        assert stored == transformed
 
     # The search document's canonical rows: its columns and derived fields, as enriched rows hold them.
     enriched = [{**r, **enrichment[key_of(synced, r)]} for r in live]

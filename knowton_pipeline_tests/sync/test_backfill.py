@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
+from psycopg.types.json import Jsonb
 
 from knowton_pipeline.catalog import table
 from knowton_pipeline.defs.clickhouse.mirrors import MirrorBackfillConfig, mirror_asset
@@ -23,6 +24,7 @@ from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import BackfillError, backfill_range
+from knowton_pipeline.lib.transform import canonical_json
 from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user, wait_for_cdc
 
 USER = table("User")
@@ -42,12 +44,12 @@ class RacingWriter:
         if isinstance(inner, ClickHouseWriter):  # a mirror's backfill sends PostgreSQL's JSON rows
             self.insert_json_rows = self._insert_json_rows
 
-    def _insert_json_rows(self, t: Any, block: bytes) -> bool:
+    def _insert_json_rows(self, t: Any, columns: Sequence[str], block: bytes) -> bool:
         if not self.raced:
             self.raced = True
             self.race()
         assert isinstance(self.inner, ClickHouseWriter)
-        return self.inner.insert_json_rows(t, block)
+        return self.inner.insert_json_rows(t, columns, block)
 
     def prepare(self, items: Sequence[WriteItem]) -> Prepared:
         return self.inner.prepare(items)
@@ -203,6 +205,44 @@ def test_a_mirror_block_clickhouse_refuses_is_written_row_by_row_and_only_the_ro
         )
         for key in good:
             assert ch_row(ch, "contents", "id = {i:Int64}", {"i": key})["title"] == f"bf-good-{good.index(key)}"  # type: ignore[index]
+    finally:
+        pg.execute('DELETE FROM "Content" WHERE id = %s', (bad,))
+        apply()
+
+
+def test_a_mirror_backfill_writes_jsonb_as_the_transform_does_and_a_jsonb_it_refuses_row_by_row(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    ch: ClickHouseClient,
+) -> None:
+    creator = insert_user(pg)
+    metadata = [
+        {"rating": 4.5, "pages": 12, "b": [1e-7, 1e16, 0.1], "a": {"z": None, "é": "x\ty"}},
+        {"big": 2**70, "zero": -0.0, "s": 'q"\\'},
+        [1.0, "🚀", {"k": True}],
+    ]
+    good = [insert_content(pg, creator, title=f"bf-json-{i}", metadata=Jsonb(m)) for i, m in enumerate(metadata)]
+    bad = insert_content(pg, creator, title="bf-json-bad")
+    # A fraction beyond a double: jsonb holds it, the transform refuses it (Python reads it as an infinity).
+    beyond = "1" + "0" * 400 + ".5"
+    pg.execute("""UPDATE "Content" SET metadata = jsonb_build_object('x', %s::numeric) WHERE id = %s""", (beyond, bad))
+    try:
+        with (
+            psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
+            pytest.raises(BackfillError) as refused,
+        ):
+            backfill_range(conn, table("Content"), *today(), ClickHouseWriter(ch), chunk=2)
+        assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(
+            refused.value
+        )
+        for key in good:
+            # What the row-by-row transform writes: jsonb as psycopg reads it (1e16 went in as an integer).
+            [value] = pg.execute('SELECT metadata FROM "Content" WHERE id = %s', (key,)).fetchone()  # type: ignore[misc]
+            row = ch_row(ch, "contents", "id = {i:Int64}", {"i": key})
+            assert row is not None and row["metadata"] == canonical_json(value)
+        assert ch_row(ch, "contents", "id = {i:Int64}", {"i": bad}) is None
     finally:
         pg.execute('DELETE FROM "Content" WHERE id = %s', (bad,))
         apply()

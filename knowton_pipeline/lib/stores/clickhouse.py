@@ -456,16 +456,15 @@ class ClickHouseWriter:
     def write(self, items: Sequence[WriteItem]) -> WriteOutcome:
         return self.send(self.prepare(items))
 
-    def insert_json_rows(self, table: SyncedTable, block: bytes) -> bool:
-        """Insert mirror rows already spelled as JSON lines (`postgres.mirror_rows_copy_sql`), parsed by ClickHouse.
-        False when it refused a value in the block: those rows are the row-by-row way's to write, where the ones at
-        fault are isolated. A store that is down or refuses the write as such raises, as `send` does."""
+    def insert_json_rows(self, table: SyncedTable, columns: Sequence[str], block: bytes) -> bool:
+        """Insert mirror rows already spelled as JSON arrays of the values of `columns`, one a line
+        (`postgres.MirrorRecords`), parsed by ClickHouse (JSONCompactEachRow). False when it refused a value in the
+        block: those rows are the row-by-row way's to write, where the ones at fault are isolated. A store that is
+        down or refuses the write as such raises, as `send` does."""
         target = f"{self.database}.{table.clickhouse_table}"
         strict = {"input_format_null_as_default": 0, "input_format_skip_unknown_fields": 0}
         try:
-            self.client.raw_insert(
-                target, clickhouse_columns(table), insert_block=block, settings=strict, fmt="JSONEachRow"
-            )
+            self.client.raw_insert(target, list(columns), insert_block=block, settings=strict, fmt="JSONCompactEachRow")
         except Exception as exc:
             if clickhouse_fault(exc) == "store":
                 raise _clickhouse_store_error(target, exc) from exc

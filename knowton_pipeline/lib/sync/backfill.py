@@ -1,7 +1,8 @@
 """Backfill: re-sync rows of chosen days from PostgreSQL through the one transform.
 
-A mirror is backfilled column-wise inside the stores: PostgreSQL spells each row as the mirror's JSON and
-ClickHouse parses blocks of them, with the row-by-row transform as the way for rows ClickHouse refuses.
+A mirror is backfilled column-wise inside the stores: PostgreSQL spells each row as the mirror's JSON (Python
+writes only jsonb's canonical text into it) and ClickHouse parses blocks of them, with the row-by-row transform as
+the way for rows either refuses.
 
 Rows are read in one consistent snapshot and written with its LSN as their version, so a backfill
 racing with live CDC never overwrites a newer change, and never brings back a deleted row (a
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 
@@ -28,7 +28,7 @@ from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib.stores import Prepared, WriteItem
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
-from knowton_pipeline.lib.stores.postgres import mirror_rows_copy_sql
+from knowton_pipeline.lib.stores.postgres import MirrorRecords, mirror_rows_copy_sql
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
 from knowton_pipeline.lib.transform import document_id
@@ -147,36 +147,68 @@ def _copy_to_mirror(
     on_progress: Callable[[BackfillStats], None] | None,
 ) -> None:
     """A mirror's backfill, column-wise in the stores: PostgreSQL spells each row as the mirror's JSON in a COPY
-    and ClickHouse parses the blocks (JSONEachRow), so no row passes through Python objects. A block ClickHouse
-    refuses for a value is written again row by row through the one transform, after the COPY, in the same
+    (Python only writes jsonb's canonical text into it) and ClickHouse parses the blocks (JSONCompactEachRow), so no row
+    passes through Python objects. The COPY is read on a second thread while the blocks before are inserted, so
+    PostgreSQL, Python and ClickHouse work at once. A block ClickHouse refuses for a value, or a row whose jsonb the
+    transform refuses, is written again row by row through the one transform, after the COPY, in the same
     snapshot: the rows at fault are found and reported, the others written. A store that is down or refuses the
     write as such stops the backfill at once, as the row-by-row way does."""
     t0 = time.monotonic()
     [key] = table.key
-    target_key = table.column(key).target_name
-    refused: list[Any] = []  # keys of the rows in blocks ClickHouse refused
+    records = MirrorRecords(table)
+    refused: list[Any] = []  # keys of the rows to write row by row: in blocks ClickHouse refused, or jsonb refused
+    blocks: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def flush(block: list[bytes]) -> None:
+        if writer.insert_json_rows(table, records.columns, b"".join(block)):
+            stats.written += len(block)
+        else:
+            refused.extend(records.key(line) for line in block)
+        stats.rows += len(block)
+        stats.seconds = time.monotonic() - t0
+        if on_progress:
+            on_progress(stats)
+
     with consistent_snapshot(conn) as lsn:
         stats.snapshot_lsn = lsn
 
-        def flush(block: list[bytes]) -> None:
-            if writer.insert_json_rows(table, b"".join(block)):
-                stats.written += len(block)
-            else:
-                refused.extend(orjson.loads(line)[target_key] for line in block)
-            stats.rows += len(block)
-            stats.seconds = time.monotonic() - t0
-            if on_progress:
-                on_progress(stats)
+        def produce() -> None:
+            try:
+                block: list[bytes] = []
+                with conn.cursor() as cur, cur.copy(mirror_rows_copy_sql(table, where, lsn), params) as copy:
+                    for data in copy:  # one row per record of a COPY TO
+                        record = bytes(data)
+                        try:
+                            block.append(records.line(record))
+                        except ValueError:
+                            refused.append(records.key(record))
+                            stats.rows += 1
+                        if len(block) >= chunk:
+                            blocks.put(block)
+                            block = []
+                            if stop.is_set():
+                                break
+                if block and not stop.is_set():
+                    blocks.put(block)
+                blocks.put(None)
+            except BaseException as exc:  # handed to the inserting thread, which raises it
+                blocks.put(exc)
 
-        block: list[bytes] = []
-        with conn.cursor() as cur, cur.copy(mirror_rows_copy_sql(table, where, lsn), params) as copy:
-            for line in copy:  # one row per record of a COPY TO
-                block.append(bytes(line))
-                if len(block) >= chunk:
-                    flush(block)
-                    block = []
-        if block:
-            flush(block)
+        reader = threading.Thread(target=produce, name=f"backfill-copy-{table.name}", daemon=True)
+        reader.start()
+        try:
+            while (got := blocks.get()) is not None:
+                if isinstance(got, BaseException):
+                    raise got
+                flush(got)
+        finally:
+            # On an error here, tell the reader to stop and drain so it can finish.
+            stop.set()
+            while reader.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    blocks.get(timeout=0.1)
+            reader.join()
         key_is = sql.SQL("t.{} = ANY(%s)").format(sql.Identifier(key))
         for start in range(0, len(refused), chunk):
             for rows in stream_rows(conn, table, key_is, (refused[start : start + chunk],), chunk=chunk):
