@@ -33,6 +33,8 @@ from knowton_pipeline.lib.debezium import decode_row, encode_row_like_debezium
 from knowton_pipeline.lib.stores.clickhouse import segment_checksum_sql as clickhouse_segment_checksum_sql
 from knowton_pipeline.lib.stores.clickhouse import segment_rows_sql as clickhouse_segment_rows_sql
 from knowton_pipeline.lib.stores.elasticsearch import (
+    _document_fields,
+    _es_field,
     canonical_from_es_source,
     enrichment_from_es_source,
     es_hash_fields,
@@ -488,3 +490,74 @@ def test_es_segment_query_excludes_tombstones_and_bounds_the_key() -> None:
         }
     }
     assert es_segment_query(CONTENT)["bool"]["filter"] == []
+
+
+def _near_canonical(scale: int) -> st.SearchStrategy[Any]:
+    """Values a hand-edited field may hold: canonical spellings and the ones next to them."""
+    digit = st.sampled_from("0123456789")
+    timestamps = st.builds(
+        lambda y, mo, d, h, mi, s, f, sep, end: f"{y:04d}-{mo:02d}-{d:02d}{sep}{h:02d}:{mi:02d}:{s:02d}.{f:06d}{end}",
+        st.integers(0, 9999),
+        st.integers(0, 13),
+        st.integers(0, 32),
+        st.integers(0, 25),
+        st.integers(0, 61),
+        st.integers(0, 61),
+        st.integers(0, 999_999),
+        st.sampled_from(["T", "T", " ", "t"]),
+        st.sampled_from(["Z", "Z", "z", "+00:00", ""]),
+    )
+    decimals_text = st.builds(
+        lambda sign, whole, fraction: f"{sign}{whole}{'.' if fraction is not None else ''}{fraction or ''}",
+        st.sampled_from(["", "", "-", "+"]),
+        st.text(digit, min_size=1, max_size=45),
+        st.none() | st.text(digit, min_size=0, max_size=scale + 2),
+    )
+    return st.one_of(
+        timestamps,
+        decimals_text,
+        st.sampled_from(["2025-W01-1T00:00:01.000000Z", "2025-01-01T24:00:00.000000Z", "-0.00", "-0", "0.00", "٣.00"]),
+        NASTY_TEXT,
+        st.none(),
+        st.integers(),
+        st.floats(),
+        st.booleans(),
+    )
+
+
+@given(st.sampled_from(INDEXED_TABLES).flatmap(documents), st.data())
+def test_fields_of_a_hand_edited_document_are_spelled_as_their_definition_says(
+    document: tuple[SyncedTable, dict, dict], data: st.DataObject
+) -> None:
+    # canonical_from_es_source checks an already canonical timestamp, decimal or text instead of reading it: the same
+    # text as the field's definition (`_es_field`), whatever a field holds.
+    synced, row, enrichment = document
+    source = to_es_document(synced, row, version=7, deleted=False, indexed_at=INDEXED_AT, enrichment=enrichment)
+    columns, derived = _document_fields(synced)
+    for doc_field in data.draw(st.lists(st.sampled_from([*columns, *derived]), max_size=3), label="edited"):
+        column = doc_field.field.column
+        source[column.target_name] = data.draw(_near_canonical(column.scale or 0), label=column.target_name)
+    expected = SEPARATOR.join(_es_field(f, source) for f in (*columns, *derived))
+    assert canonical_from_es_source(synced, source) == expected
+
+
+TRICKY_VALUES = [
+    "-0.00", "-0", "0.00", "-0.50", "079.19", "+79.19", "79.1", "79.190", "79.19", "٣.00", "1" * 39 + ".00",
+    "1" * 38 + ".00", "2025-W01-1T00:00:01.000000Z", "2025-01-01T24:00:00.000000Z", "2025-02-30T00:00:00.000000Z",
+    "2025-01-01T00:00:01.000000Z", "2025-01-01 00:00:01.000000Z", "2025-01-01T00:00:01.000000+00:00", "a\\b", "a\tb",
+    "", None, 5, 5.0,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", TRICKY_VALUES)
+def test_every_field_holding_a_value_next_to_a_canonical_spelling_is_spelled_as_its_definition_says(value: Any) -> None:
+    for synced in INDEXED_TABLES:
+        source = to_es_document(
+            synced, FIXED_ROWS[synced.name], version=1, deleted=False, indexed_at=INDEXED_AT,
+            enrichment=CONTENT_ENRICHMENT if synced is CONTENT else None,
+        )  # fmt: skip
+        columns, derived = _document_fields(synced)
+        for doc_field in (*columns, *derived):
+            edited = {**source, doc_field.field.column.target_name: value}
+            expected = SEPARATOR.join(_es_field(f, edited) for f in (*columns, *derived))
+            assert canonical_from_es_source(synced, edited) == expected, doc_field.field.column.name

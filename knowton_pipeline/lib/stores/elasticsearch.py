@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -175,6 +176,7 @@ def _read_es_fields(table: SyncedTable, source: Mapping[str, Any], fields: Seque
 
 
 def _es_field(doc_field: _DocumentField, source: Mapping[str, Any]) -> str:
+    """One field's canonical text in a `_source`: the definition `canonical_from_es_source`'s spellers keep."""
     field, column = doc_field.field, doc_field.field.column
     value = source.get(column.target_name, _MISSING)
     if value is _MISSING:
@@ -189,12 +191,84 @@ def _es_field(doc_field: _DocumentField, source: Mapping[str, Any]) -> str:
         return INVALID
 
 
+# A timestamp spelled as the canonical row spells it (`transform.format_timestamp`): reading and spelling it again
+# gives it back, once datetime has checked it is a real instant.
+_CANONICAL_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+
+
+def _canonical_decimal(scale: int) -> re.Pattern[str]:
+    """A decimal string spelled as the canonical row spells numeric(p, scale): no sign but a minus, no leading zero,
+    exactly `scale` fraction digits. Negative zero is left out (it reads as zero), and so are numbers past 38
+    integer digits (the full reading decides those)."""
+    fraction = rf"\.[0-9]{{{scale}}}" if scale else ""
+    return re.compile(rf"(?:-(?!0{fraction}$))?(?:0|[1-9][0-9]{{0,37}}){fraction}")
+
+
+def _es_speller(doc_field: _DocumentField) -> Callable[[Mapping[str, Any]], str]:
+    """`_es_field` for one field, with what never changes looked up once; a timestamp or a decimal already in its
+    canonical spelling is checked, not read and spelled again."""
+    field, column = doc_field.field, doc_field.field.column
+    name, read, python = column.target_name, doc_field.read, field.python
+    null = spell(field, None) if column.nullable or field.none_is_json_null else INVALID
+
+    def full(value: Any) -> str:
+        if value is _MISSING:
+            return INVALID
+        if value is None:
+            return null
+        try:
+            return python(read(value))
+        except (TypeError, ValueError, RecursionError):
+            return INVALID
+
+    if column.type == "timestamptz":
+
+        def timestamp(source: Mapping[str, Any]) -> str:
+            value = source.get(name, _MISSING)
+            # (Hour 24 is left to the full reading: some Pythons read 24:00 as the next day's midnight.)
+            if type(value) is str and _CANONICAL_TIMESTAMP.fullmatch(value) and value[11:13] != "24":
+                try:
+                    datetime.fromisoformat(value)
+                except ValueError:
+                    return INVALID
+                return value
+            return full(value)
+
+        return timestamp
+    if column.type == "numeric":
+        canonical = _canonical_decimal(column.scale or 0)
+
+        def decimal(source: Mapping[str, Any]) -> str:
+            value = source.get(name, _MISSING)
+            if type(value) is str and canonical.fullmatch(value):
+                return value
+            return full(value)
+
+        return decimal
+    if column.type == "text":
+
+        def text(source: Mapping[str, Any]) -> str:
+            value = source.get(name, _MISSING)
+            if type(value) is str and "\\" not in value and "\t" not in value:
+                return value
+            return full(value)
+
+        return text
+    return lambda source: full(source.get(name, _MISSING))
+
+
+_SPELLERS: dict[int, tuple[SyncedTable, tuple[Callable[[Mapping[str, Any]], str], ...]]] = {}
+
+
 def canonical_from_es_source(table: SyncedTable, source: Mapping[str, Any]) -> str:
     """The canonical string of an Elasticsearch `_source` (columns marked `in_elasticsearch`, then the derived
-    fields). Never raises for a bad value: a field `to_es_document` cannot have written (hand-edited, missing) is `\\!`, so the document
-    shows as different instead of aborting its segment."""
-    columns, derived = _document_fields(table)
-    return SEPARATOR.join([_es_field(f, source) for f in (*columns, *derived)])
+    fields). Never raises for a bad value: a field `to_es_document` cannot have written (hand-edited, missing) is
+    `\\!`, so the document shows as different instead of aborting its segment. Each field is `_es_field`'s."""
+    cached = _SPELLERS.get(id(table))
+    if cached is None or cached[0] is not table:
+        columns, derived = _document_fields(table)
+        cached = _SPELLERS[id(table)] = (table, tuple(_es_speller(f) for f in (*columns, *derived)))
+    return SEPARATOR.join([speller(source) for speller in cached[1]])
 
 
 # The stored hash split into three 20-bit parts: Elasticsearch sums numbers as doubles, exact below 2**53, so each
