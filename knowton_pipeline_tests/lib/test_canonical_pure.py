@@ -22,6 +22,7 @@ from knowton_pipeline.lib.canonical import (
     INVALID,
     NULL,
     SEPARATOR,
+    _spelled_json,
     canonical_from_row,
     canonical_json_value,
     column_names,
@@ -263,6 +264,15 @@ def test_canonical_json_is_valid_compact_json_of_the_same_value(value: Any) -> N
     # Re-reading the mirror's text (transform.canonical_json) or an Elasticsearch _source gives the same spelling.
     assert canonical_json_value(json.loads(canonical_json(value))) == text
     assert "\t" not in text and not text.startswith("\\")
+
+
+@given(json_values(NASTY_TEXT), st.lists(FINITE_FLOATS, max_size=4))
+def test_canonical_json_written_by_orjson_is_the_definitions_text(value: Any, numbers: list[float]) -> None:
+    # canonical_json_value lets orjson write the usual value; `_spelled_json` is the definition.
+    for v in (value, [value, *numbers], {"n": numbers, "v": value}):
+        assert canonical_json_value(v) == _spelled_json(v)
+    for number in (1.0, 0.0, -0.0, 1e-4, 9.999e-5, 1e16, 9999999999999998.0, 0.5, 2**64, -(2**63) - 1, True):
+        assert canonical_json_value([number]) == _spelled_json([number])
 
 
 @given(FINITE_FLOATS)
@@ -545,7 +555,7 @@ TRICKY_VALUES = [
     "-0.00", "-0", "0.00", "-0.50", "079.19", "+79.19", "79.1", "79.190", "79.19", "٣.00", "1" * 39 + ".00",
     "1" * 38 + ".00", "2025-W01-1T00:00:01.000000Z", "2025-01-01T24:00:00.000000Z", "2025-02-30T00:00:00.000000Z",
     "2025-01-01T00:00:01.000000Z", "2025-01-01 00:00:01.000000Z", "2025-01-01T00:00:01.000000+00:00", "a\\b", "a\tb",
-    "", None, 5, 5.0,
+    "", None, 5, 5.0, True, 2**70, [1], {"a": 1.0},
 ]  # fmt: skip
 
 

@@ -245,6 +245,13 @@ def _es_speller(doc_field: _DocumentField) -> Callable[[Mapping[str, Any]], str]
             return full(value)
 
         return decimal
+    if column.type in ("int", "bigint"):
+
+        def integer(source: Mapping[str, Any]) -> str:
+            value = source.get(name, _MISSING)
+            return str(value) if type(value) is int else full(value)
+
+        return integer
     if column.type == "text":
 
         def text(source: Mapping[str, Any]) -> str:
