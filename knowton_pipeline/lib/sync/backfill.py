@@ -16,10 +16,10 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -32,6 +32,8 @@ from knowton_pipeline.lib.stores.postgres import MirrorRecords, mirror_rows_copy
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
 from knowton_pipeline.lib.transform import document_id
+
+T = TypeVar("T")
 
 
 class BackfillError(RuntimeError):
@@ -84,49 +86,67 @@ def backfill_range(
         _raise_failed(table, stats)
         return stats
     enriched = writer.enriched_rows
-    # Reading and transforming run on a second thread, one chunk ahead of the writes: the store's
-    # round trips and PostgreSQL's overlap instead of adding up. The queue bounds memory to a few chunks.
-    chunks: queue.Queue[tuple[int, Prepared] | BaseException | None] = queue.Queue(maxsize=2)
 
-    def produce() -> None:
-        try:
-            with consistent_snapshot(conn) as lsn:
-                stats.snapshot_lsn = lsn
-                for rows in stream_rows(conn, table, where, params, chunk=chunk, enriched=enriched):
-                    items = []
-                    for raw in rows:
-                        row, enrichment = split_enrichment(table, raw)
-                        source = document_id(table, [row[k] for k in table.key])
-                        items.append(WriteItem(table, row, lsn, False, (source,), enrichment or None))
-                    chunks.put((len(rows), writer.prepare(items)))
-            chunks.put(None)
-        except BaseException as exc:  # handed to the writing thread, which raises it
-            chunks.put(exc)
+    def prepared() -> Iterator[tuple[int, Prepared]]:
+        with consistent_snapshot(conn) as lsn:
+            stats.snapshot_lsn = lsn
+            for rows in stream_rows(conn, table, where, params, chunk=chunk, enriched=enriched):
+                items = []
+                for raw in rows:
+                    row, enrichment = split_enrichment(table, raw)
+                    source = document_id(table, [row[k] for k in table.key])
+                    items.append(WriteItem(table, row, lsn, False, (source,), enrichment or None))
+                yield len(rows), writer.prepare(items)
 
-    reader = threading.Thread(target=produce, name=f"backfill-{table.name}", daemon=True)
-    reader.start()
-    try:
-        while (got := chunks.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            n, prepared = got
-            outcome = writer.send(prepared)
-            stats.rows += n
-            stats.written += outcome.written
-            stats.stale += outcome.stale
-            stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
-            stats.seconds = time.monotonic() - t0
-            if on_progress:
-                on_progress(stats)
-    finally:
-        # On an error here, drain so the reader can finish and release its snapshot.
-        while reader.is_alive():
-            with contextlib.suppress(queue.Empty):
-                chunks.get(timeout=0.1)
-        reader.join()
+    # Reading and transforming run on a second thread, one chunk ahead of the writes: the store's round trips and
+    # PostgreSQL's overlap instead of adding up.
+    for n, batch in _ahead(prepared(), name=f"backfill-{table.name}"):
+        outcome = writer.send(batch)
+        stats.rows += n
+        stats.written += outcome.written
+        stats.stale += outcome.stale
+        stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+        stats.seconds = time.monotonic() - t0
+        if on_progress:
+            on_progress(stats)
     stats.seconds = time.monotonic() - t0
     _raise_failed(table, stats)
     return stats
+
+
+def _ahead(items: Iterator[T], *, name: str) -> Iterator[T]:
+    """`items`, computed on a thread up to two items ahead of the caller (which bounds memory). A caller that stops
+    early, on an error, stops the thread: the generator is closed there, releasing what it holds (a snapshot)."""
+    ready: queue.Queue[T | BaseException | object] = queue.Queue(maxsize=2)
+    end, stop = object(), threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                ready.put(item)
+                if stop.is_set():
+                    break
+            ready.put(end)
+        except BaseException as exc:  # raised on the caller's thread
+            ready.put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while (got := ready.get()) is not end:
+            if isinstance(got, BaseException):
+                raise got
+            yield got  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()
 
 
 def _raise_failed(table: SyncedTable, stats: BackfillStats) -> None:
@@ -156,9 +176,8 @@ def _copy_to_mirror(
     t0 = time.monotonic()
     [key] = table.key
     records = MirrorRecords(table)
-    refused: list[Any] = []  # keys of the rows to write row by row: in blocks ClickHouse refused, or jsonb refused
-    blocks: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=2)
-    stop = threading.Event()
+    refused: list[Any] = []  # keys of the rows to write row by row: in blocks ClickHouse refused...
+    unspelled: list[Any] = []  # ...or whose jsonb the transform refused (found on the reading thread)
 
     def flush(block: list[bytes]) -> None:
         if writer.insert_json_rows(table, records.columns, b"".join(block)):
@@ -173,42 +192,25 @@ def _copy_to_mirror(
     with consistent_snapshot(conn) as lsn:
         stats.snapshot_lsn = lsn
 
-        def produce() -> None:
-            try:
-                block: list[bytes] = []
-                with conn.cursor() as cur, cur.copy(mirror_rows_copy_sql(table, where, lsn), params) as copy:
-                    for data in copy:  # one row per record of a COPY TO
-                        record = bytes(data)
-                        try:
-                            block.append(records.line(record))
-                        except ValueError:
-                            refused.append(records.key(record))
-                            stats.rows += 1
-                        if len(block) >= chunk:
-                            blocks.put(block)
-                            block = []
-                            if stop.is_set():
-                                break
-                if block and not stop.is_set():
-                    blocks.put(block)
-                blocks.put(None)
-            except BaseException as exc:  # handed to the inserting thread, which raises it
-                blocks.put(exc)
+        def blocks() -> Iterator[list[bytes]]:
+            block: list[bytes] = []
+            with conn.cursor() as cur, cur.copy(mirror_rows_copy_sql(table, where, lsn), params) as copy:
+                for data in copy:  # one row per record of a COPY TO
+                    record = bytes(data)
+                    try:
+                        block.append(records.line(record))
+                    except ValueError:
+                        unspelled.append(records.key(record))
+                    if len(block) >= chunk:
+                        yield block
+                        block = []
+            if block:
+                yield block
 
-        reader = threading.Thread(target=produce, name=f"backfill-copy-{table.name}", daemon=True)
-        reader.start()
-        try:
-            while (got := blocks.get()) is not None:
-                if isinstance(got, BaseException):
-                    raise got
-                flush(got)
-        finally:
-            # On an error here, tell the reader to stop and drain so it can finish.
-            stop.set()
-            while reader.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    blocks.get(timeout=0.1)
-            reader.join()
+        for block in _ahead(blocks(), name=f"backfill-copy-{table.name}"):
+            flush(block)
+        stats.rows += len(unspelled)
+        refused += unspelled
         key_is = sql.SQL("t.{} = ANY(%s)").format(sql.Identifier(key))
         for start in range(0, len(refused), chunk):
             for rows in stream_rows(conn, table, key_is, (refused[start : start + chunk],), chunk=chunk):
