@@ -41,7 +41,7 @@ from typing import Any, Literal
 import orjson
 
 from knowton_pipeline.catalog import Column, DerivedField, SyncedTable
-from knowton_pipeline.lib.transform import decimal_text, format_timestamp
+from knowton_pipeline.lib.transform import ORJSON_PLAIN_FLOATS, decimal_text, format_timestamp, json_floats_all
 
 SEPARATOR = "\t"
 NULL = "\\N"
@@ -100,7 +100,7 @@ def canonical_json_value(value: Any) -> str:
     orjson writes the usual value (`_spelled_json` is the definition: tests hold the two equal): its sorted keys,
     separators and string escapes are the canonical ones, and so are its integers and the floats it spells as
     their exact decimal (a fraction, from 1e-4 up to 1e16)."""
-    if _orjson_spells_canonically(value):
+    if json_floats_all(value, _spelled_exactly):
         try:
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         except TypeError:  # an integer beyond 64 bits, a key that is not a string: the definition decides
@@ -108,18 +108,9 @@ def canonical_json_value(value: Any) -> str:
     return _spelled_json(value)
 
 
-def _orjson_spells_canonically(value: Any) -> bool:
-    kind = type(value)
-    if kind is dict:
-        return all(type(v) in _SCALARS or _orjson_spells_canonically(v) for v in value.values())
-    if kind is list:
-        return all(type(v) in _SCALARS or _orjson_spells_canonically(v) for v in value)
-    if kind is float:
-        return 1e-4 <= abs(value) < 1e16 and not value.is_integer()
-    return kind in _SCALARS
-
-
-_SCALARS = (str, int, bool, type(None))
+def _spelled_exactly(number: float) -> bool:
+    """Whether orjson writes `number` as its exact decimal (a fraction in its plain range)."""
+    return ORJSON_PLAIN_FLOATS[0] <= abs(number) < ORJSON_PLAIN_FLOATS[1] and not number.is_integer()
 
 
 def _spelled_json(value: Any) -> str:

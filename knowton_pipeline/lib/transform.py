@@ -104,28 +104,27 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-# Floats orjson writes as Python's repr does (checked in lib/test_transform.py): zero, and from 1e-4 up to 1e16,
-# where both write plain digits. Outside, repr writes an exponent and orjson a different one.
-_PLAIN_FLOAT_LOW, _PLAIN_FLOAT_HIGH = 1e-4, 1e16
+# orjson writes a float as Python's repr does from 1e-4 up to 1e16 (plain digits; checked in lib/test_transform.py).
+# Outside, repr writes an exponent and orjson a different one.
+ORJSON_PLAIN_FLOATS = (1e-4, 1e16)
+_JSON_SCALARS = (str, int, bool, type(None))
 
 
-def _orjson_spells(value: Any) -> bool:
-    """Whether orjson writes every float in `value` as repr does."""
+def json_floats_all(value: Any, accept: Callable[[float], bool]) -> bool:
+    """Whether `value` holds only what json.loads returns (dict, list, str, int, float, bool, None) and every float
+    in it is accepted."""
     kind = type(value)
-    if kind is float:
-        return value == 0 or _PLAIN_FLOAT_LOW <= abs(value) < _PLAIN_FLOAT_HIGH
     if kind is dict:
-        for v in value.values():
-            if type(v) in _CONTAINERS_OR_FLOAT and not _orjson_spells(v):
-                return False
-    elif kind is list:
-        for v in value:
-            if type(v) in _CONTAINERS_OR_FLOAT and not _orjson_spells(v):
-                return False
-    return True
+        return all(type(v) in _JSON_SCALARS or json_floats_all(v, accept) for v in value.values())
+    if kind is list:
+        return all(type(v) in _JSON_SCALARS or json_floats_all(v, accept) for v in value)
+    if kind is float:
+        return accept(value)
+    return kind in _JSON_SCALARS
 
 
-_CONTAINERS_OR_FLOAT = (dict, list, float)
+def _spelled_as_repr(number: float) -> bool:
+    return number == 0 or ORJSON_PLAIN_FLOATS[0] <= abs(number) < ORJSON_PLAIN_FLOATS[1]
 
 
 def canonical_json_text(text: bytes) -> str:
@@ -141,7 +140,7 @@ def canonical_json_text(text: bytes) -> str:
     except orjson.JSONDecodeError:
         pass
     else:
-        if _orjson_spells(value):
+        if json_floats_all(value, _spelled_as_repr):
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     return canonical_json(json.loads(text))
 

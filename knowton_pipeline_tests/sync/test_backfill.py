@@ -180,6 +180,17 @@ def test_a_backfill_holding_the_embedded_engine_gives_the_clickhouse_sink_its_tu
     assert ch_row(ch, "users", "address = {a:String}", {"a": address})["reputation"] == 2  # type: ignore[index]
 
 
+def backfill_contents_reporting_only(settings: Settings, ch: ClickHouseClient, bad: int) -> None:
+    """Backfill today's contents into the mirror in blocks of two rows (so the bad row's block most likely holds a
+    good one too) and check that the backfill reports exactly the row `bad`."""
+    with (
+        psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
+        pytest.raises(BackfillError) as refused,
+    ):
+        backfill_range(conn, table("Content"), *today(), ClickHouseWriter(ch), chunk=2)
+    assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(refused.value)
+
+
 def test_a_mirror_block_clickhouse_refuses_is_written_row_by_row_and_only_the_row_at_fault_is_reported(
     caught_up: None,
     apply: Callable[[], ApplyStats],
@@ -193,16 +204,8 @@ def test_a_mirror_block_clickhouse_refuses_is_written_row_by_row_and_only_the_ro
     # A NULL inside tags: PostgreSQL holds it, the mirror's transform refuses it (a text[] of strings).
     pg.execute('UPDATE "Content" SET tags = %s WHERE id = %s', (["a", None], bad))
     try:
-        # Not applied: only the backfill can bring these rows. Blocks of two rows, so the bad row's block most
-        # likely holds a good one too, written the row-by-row way.
-        with (
-            psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
-            pytest.raises(BackfillError) as refused,
-        ):
-            backfill_range(conn, table("Content"), *today(), ClickHouseWriter(ch), chunk=2)
-        assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(
-            refused.value
-        )
+        # Not applied: only the backfill can bring these rows; the good ones in the bad row's block go row by row.
+        backfill_contents_reporting_only(settings, ch, bad)
         for key in good:
             assert ch_row(ch, "contents", "id = {i:Int64}", {"i": key})["title"] == f"bf-good-{good.index(key)}"  # type: ignore[index]
     finally:
@@ -229,14 +232,7 @@ def test_a_mirror_backfill_writes_jsonb_as_the_transform_does_and_a_jsonb_it_ref
     beyond = "1" + "0" * 400 + ".5"
     pg.execute("""UPDATE "Content" SET metadata = jsonb_build_object('x', %s::numeric) WHERE id = %s""", (beyond, bad))
     try:
-        with (
-            psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
-            pytest.raises(BackfillError) as refused,
-        ):
-            backfill_range(conn, table("Content"), *today(), ClickHouseWriter(ch), chunk=2)
-        assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(
-            refused.value
-        )
+        backfill_contents_reporting_only(settings, ch, bad)
         for key in good:
             # What the row-by-row transform writes: jsonb as psycopg reads it (1e16 went in as an integer).
             [value] = pg.execute('SELECT metadata FROM "Content" WHERE id = %s', (key,)).fetchone()  # type: ignore[misc]

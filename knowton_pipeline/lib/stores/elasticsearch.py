@@ -205,26 +205,14 @@ def _canonical_decimal(scale: int) -> re.Pattern[str]:
 
 
 def _es_speller(doc_field: _DocumentField) -> Callable[[Mapping[str, Any]], str]:
-    """`_es_field` for one field, with what never changes looked up once; a timestamp or a decimal already in its
-    canonical spelling is checked, not read and spelled again."""
-    field, column = doc_field.field, doc_field.field.column
-    name, read, python = column.target_name, doc_field.read, field.python
-    null = spell(field, None) if column.nullable or field.none_is_json_null else INVALID
-
-    def full(value: Any) -> str:
-        if value is _MISSING:
-            return INVALID
-        if value is None:
-            return null
-        try:
-            return python(read(value))
-        except (TypeError, ValueError, RecursionError):
-            return INVALID
-
+    """`_es_field` for one field; a timestamp, decimal, integer or text already in its canonical spelling is checked,
+    not read and spelled again."""
+    column = doc_field.field.column
+    name = column.target_name
     if column.type == "timestamptz":
 
         def timestamp(source: Mapping[str, Any]) -> str:
-            value = source.get(name, _MISSING)
+            value = source.get(name)
             # (Hour 24 is left to the full reading: some Pythons read 24:00 as the next day's midnight.)
             if type(value) is str and _CANONICAL_TIMESTAMP.fullmatch(value) and value[11:13] != "24":
                 try:
@@ -232,36 +220,34 @@ def _es_speller(doc_field: _DocumentField) -> Callable[[Mapping[str, Any]], str]
                 except ValueError:
                     return INVALID
                 return value
-            return full(value)
+            return _es_field(doc_field, source)
 
         return timestamp
     if column.type == "numeric":
         canonical = _canonical_decimal(column.scale or 0)
 
         def decimal(source: Mapping[str, Any]) -> str:
-            value = source.get(name, _MISSING)
-            if type(value) is str and canonical.fullmatch(value):
-                return value
-            return full(value)
+            value = source.get(name)
+            return value if type(value) is str and canonical.fullmatch(value) else _es_field(doc_field, source)
 
         return decimal
     if column.type in ("int", "bigint"):
 
         def integer(source: Mapping[str, Any]) -> str:
-            value = source.get(name, _MISSING)
-            return str(value) if type(value) is int else full(value)
+            value = source.get(name)
+            return str(value) if type(value) is int else _es_field(doc_field, source)
 
         return integer
     if column.type == "text":
 
         def text(source: Mapping[str, Any]) -> str:
-            value = source.get(name, _MISSING)
+            value = source.get(name)
             if type(value) is str and "\\" not in value and "\t" not in value:
                 return value
-            return full(value)
+            return _es_field(doc_field, source)
 
         return text
-    return lambda source: full(source.get(name, _MISSING))
+    return lambda source: _es_field(doc_field, source)
 
 
 _SPELLERS: dict[int, tuple[SyncedTable, tuple[Callable[[Mapping[str, Any]], str], ...]]] = {}
