@@ -6,6 +6,7 @@ DLQ replay.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ def json_floats_all(value: Any, accept: Callable[[float], bool]) -> bool:
     return kind in _JSON_SCALARS
 
 
-def _spelled_as_repr(number: float) -> bool:
+def plain_float(number: float) -> bool:
+    """Whether orjson reads and writes `number` as json does: zero, or a magnitude from 1e-4 up to 1e16."""
     return number == 0 or ORJSON_PLAIN_FLOATS[0] <= abs(number) < ORJSON_PLAIN_FLOATS[1]
 
 
@@ -140,7 +142,7 @@ def canonical_json_text(text: bytes) -> str:
     except orjson.JSONDecodeError:
         pass
     else:
-        if json_floats_all(value, _spelled_as_repr):
+        if json_floats_all(value, plain_float):
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     return canonical_json(json.loads(text))
 
@@ -175,6 +177,10 @@ def _text_array(value: Any) -> list[str]:
 
 
 def _jsonb_value(value: Any) -> Any:
+    # A number beyond a double reads as an infinity, which JSON cannot carry (orjson would write null in its place):
+    # refused, as the mirror's canonical JSON refuses it.
+    if not json_floats_all(value, math.isfinite):
+        raise ValueError("a number in the JSON is beyond a double's range, or not JSON")
     return value
 
 

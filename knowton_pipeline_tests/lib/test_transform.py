@@ -395,3 +395,16 @@ def test_the_real_event_reaches_both_targets_through_the_one_transform() -> None
     document = to_es_document(event.table, event.row, version=event.lsn, deleted=False, indexed_at=INDEXED_AT)
     assert document_id(event.table, event.key) == "0xaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
     assert document["created_at"] == "2026-11-24T05:05:32.487591Z" and document["pg_lsn"] == 30897912
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+def test_a_search_document_refuses_jsonb_holding_a_number_beyond_a_double(number: float) -> None:
+    # psycopg's json.loads reads a jsonb number beyond a double as an infinity; orjson would write it as null.
+    content = table("Content")
+    row = {**FIXED_ROWS["Content"], "metadata": {"x": [1.5, {"y": number}]}}
+    with pytest.raises(ValueError, match="beyond a double"):
+        to_es_document(content, row, version=1, deleted=False, indexed_at=INDEXED_AT)
+    fine = to_es_document(
+        content, {**row, "metadata": {"x": [1.5, {"y": 1e308}]}}, version=1, deleted=False, indexed_at=INDEXED_AT
+    )
+    assert fine["metadata"] == {"x": [1.5, {"y": 1e308}]}

@@ -48,11 +48,22 @@ from knowton_pipeline.lib.stores.elasticsearch import (
     es_source_fields,
     row_from_es_source,
 )
-from knowton_pipeline.lib.stores.postgres import MirrorRecords, mirror_rows_copy_sql
+from knowton_pipeline.lib.stores.postgres import (
+    DocumentRecords,
+    MirrorRecords,
+    document_rows_copy_sql,
+    mirror_rows_copy_sql,
+)
 from knowton_pipeline.lib.stores.postgres import derived_sql as postgres_derived_sql
 from knowton_pipeline.lib.stores.postgres import segment_checksum as postgres_segment_checksum
 from knowton_pipeline.lib.stores.postgres import segment_rows_sql as postgres_segment_rows_sql
-from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
+from knowton_pipeline.lib.transform import (
+    ES_METADATA_FIELDS,
+    clickhouse_columns,
+    document_id,
+    to_clickhouse_row,
+    to_es_document,
+)
 from knowton_pipeline.stack.manager import Stack
 from knowton_pipeline_tests.helpers import key_of, key_of_source, python_segment_checksum, sources_checksum
 from knowton_pipeline_tests.lib.test_debezium import NASTY_TEXT, column_values
@@ -350,6 +361,51 @@ def assert_same(expected: dict[tuple, str], **stores: dict[tuple, str]) -> None:
         assert not differ, f"{store} differs from Python (expected, got): {differ}"
 
 
+def read_plainly(value: Any) -> bool:
+    """Whether orjson reads this JSON value (as psycopg's json.loads gave it) to the very same value: no float outside
+    1e-4..1e16 (but zero) and no integer beyond 64 bits."""
+    if isinstance(value, dict):
+        return all(read_plainly(v) for v in value.values())
+    if isinstance(value, list):
+        return all(read_plainly(v) for v in value)
+    if type(value) is float:
+        return value == 0 or 1e-4 <= abs(value) < 1e16
+    if type(value) is int:
+        return -(2**63) <= value < 2**64
+    return True
+
+
+def check_spelled_documents(scratch: Scratch, synced: SyncedTable, enrichment: dict[tuple, dict[str, Any]]) -> None:
+    """A search backfill's documents as PostgreSQL spells them (`document_rows_copy_sql`) are the very documents the
+    row transform makes of the rows psycopg reads; a row left to the transform is one it refuses, or one whose jsonb
+    orjson might read otherwise."""
+    copy_sql = document_rows_copy_sql(
+        synced, sql.SQL("true"), relation=scratch.relation(synced), sources=scratch.sources
+    )
+    with scratch.pg.cursor() as cur, cur.copy(copy_sql) as copy:
+        records = [bytes(r) for r in copy]
+    rows = {key_of(synced, r): r for r in postgres_python_rows(scratch, synced)}
+    reader = DocumentRecords(synced)
+    jsonb = [c.name for c in synced.columns if c.in_elasticsearch and c.type == "jsonb"]
+    assert len(records) == len(rows)
+    for record in records:
+        key = (reader.key(record),)
+        row = rows[key]
+        try:
+            expected: dict[str, Any] | None = to_es_document(
+                synced, row, version=7, deleted=False, indexed_at=INDEXED_AT, enrichment=enrichment[key] or None
+            )
+        except (ValueError, TypeError):
+            expected = None
+        try:
+            fields = reader.fields(record)
+        except ValueError:
+            assert expected is None or not all(read_plainly(row[name]) for name in jsonb), key
+            continue
+        assert expected is not None, key
+        assert fields == {k: v for k, v in expected.items() if k not in ES_METADATA_FIELDS}, key
+
+
 def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any]], data: st.DataObject) -> None:
     live, gone = batch[:-1], batch[-1]
     enrichment = write_derived_sources(scratch, synced, live, data)
@@ -407,6 +463,9 @@ def check_batch(scratch: Scratch, synced: SyncedTable, batch: list[dict[str, Any
             },
             postgres_sql_for_search={k: v[0] for k, v in postgres_rows(scratch, synced, "document").items()},
         )
+
+    if synced.name in scratch.es_indices:
+        check_spelled_documents(scratch, synced, enrichment)
 
     # Segment checksums: [lo, hi) between two of the batch's keys, half-open and unbounded ones.
     keys = sorted(k[0] for k in python)

@@ -3,8 +3,10 @@ and never bring back a deleted row."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import dagster as dg
@@ -12,6 +14,7 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from elasticsearch import Elasticsearch
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from knowton_pipeline.catalog import table
@@ -21,10 +24,12 @@ from knowton_pipeline.defs.resources import build_resources
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.stores import Prepared, WriteItem, WriteOutcome
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
-from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter, es_hash_fields
+from knowton_pipeline.lib.stores.postgres import DocumentRecords, document_rows_copy_sql
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.backfill import BackfillError, backfill_range
-from knowton_pipeline.lib.transform import canonical_json
+from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
+from knowton_pipeline.lib.transform import canonical_json, to_es_document
 from knowton_pipeline_tests.helpers import ch_row, es_source, insert_content, insert_user, wait_for_cdc
 
 USER = table("User")
@@ -43,6 +48,8 @@ class RacingWriter:
         self.enriched_rows = inner.enriched_rows
         if isinstance(inner, ClickHouseWriter):  # a mirror's backfill sends PostgreSQL's JSON rows
             self.insert_json_rows = self._insert_json_rows
+        else:  # a search index's backfill sends documents PostgreSQL spelled
+            self.prepare_documents = inner.prepare_documents
 
     def _insert_json_rows(self, t: Any, columns: Sequence[str], block: bytes) -> bool:
         if not self.raced:
@@ -240,5 +247,79 @@ def test_a_mirror_backfill_writes_jsonb_as_the_transform_does_and_a_jsonb_it_ref
             assert row is not None and row["metadata"] == canonical_json(value)
         assert ch_row(ch, "contents", "id = {i:Int64}", {"i": bad}) is None
     finally:
+        pg.execute('DELETE FROM "Content" WHERE id = %s', (bad,))
+        apply()
+
+
+def test_a_search_backfill_writes_the_documents_the_transform_writes_and_leaves_what_it_cannot_spell_to_it(
+    caught_up: None,
+    apply: Callable[[], ApplyStats],
+    settings: Settings,
+    pg: psycopg.Connection,
+    es: Elasticsearch,
+) -> None:
+    contents = table("Content")
+    creator = insert_user(pg, username=f'bf "doc" \\ é {uuid.uuid4().hex[:8]}')
+    spelled = {  # PostgreSQL spells these documents
+        "escapes": {"title": 'tab\there "q" \\ 🚀', "description": None, "tags": []},
+        "tags": {"tags": ["a,b", 'c"d', "{e}", "NULL", ""], "price": Decimal("0.10")},
+        "json": {"metadata": Jsonb({"rating": 4.5, "a": {"z": None, "é": "x\ty"}, "l": [1, True, "s"]})},
+    }
+    by_transform = {  # its jsonb is left to the row-by-row transform: orjson might not read it as json.loads does
+        "big": {"metadata": Jsonb({"big": 2**70})},
+        "tiny": {"metadata": Jsonb({"tiny": 1e-7})},
+    }
+    keys = {name: insert_content(pg, creator, **values) for name, values in {**spelled, **by_transform}.items()}
+    bad = insert_content(pg, creator, title="bf-doc-bad")
+    # A fraction beyond a double: jsonb holds it, the transform refuses it (Python reads it as an infinity).
+    pg.execute(
+        """UPDATE "Content" SET metadata = jsonb_build_object('x', %s::numeric) WHERE id = %s""",
+        ("1" + "0" * 400 + ".5", bad),
+    )
+    index = f"knowton-contents-bf-{uuid.uuid4().hex[:8]}"
+    es.indices.create(index=index)  # the real template's strict mapping applies
+    try:
+        records = DocumentRecords(contents)
+        where = sql.SQL("t.id = ANY(%s)")
+        with pg.cursor() as cur, cur.copy(document_rows_copy_sql(contents, where), ([*keys.values(), bad],)) as copy:
+            read = {records.key(bytes(r)): bytes(r) for r in copy}
+        for name, key in keys.items():
+            if name in spelled:
+                assert records.fields(read[key])["id"] == key
+            else:
+                with pytest.raises(ValueError, match="left to the row-by-row transform"):
+                    records.fields(read[key])
+
+        writer = ElasticsearchWriter(es, index_names={"knowton-contents": index})
+        with (
+            psycopg.connect(**settings.pg_conninfo()) as conn,  # type: ignore[arg-type]
+            pytest.raises(BackfillError) as refused,
+        ):
+            backfill_range(conn, contents, *today(), writer, chunk=2)
+        assert str(refused.value).startswith("1 row(s) of Content could not be written") and str(bad) in str(
+            refused.value
+        )
+
+        es.indices.refresh(index=index)
+        with pg.transaction():
+            rows = {
+                r["id"]: r
+                for chunk in stream_rows(pg, contents, where, (list(keys.values()),), enriched=True)
+                for r in chunk
+            }
+        for name, key in keys.items():
+            row, enrichment = split_enrichment(contents, rows[key])
+            doc = es_source(es, index, str(key))
+            assert doc is not None, name
+            expected = to_es_document(
+                contents, row, version=doc["pg_lsn"], deleted=False, indexed_at=datetime.now(UTC), enrichment=enrichment
+            )
+            expected.update(es_hash_fields(contents, expected))
+            assert {k: v for k, v in doc.items() if k != "indexed_at"} == {
+                k: v for k, v in expected.items() if k != "indexed_at"
+            }, name
+        assert es_source(es, index, str(bad)) is None
+    finally:
+        es.indices.delete(index=index, ignore_unavailable=True)
         pg.execute('DELETE FROM "Content" WHERE id = %s', (bad,))
         apply()

@@ -7,6 +7,7 @@ be installed (`knowton schema apply`).
 
 from __future__ import annotations
 
+import json
 import math
 import string
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from knowton_pipeline.lib.stores.base import (
     sum_by_day,
     text_prefix,
 )
-from knowton_pipeline.lib.transform import canonical_json_text
+from knowton_pipeline.lib.transform import canonical_json_text, json_floats_all, plain_float
 
 # ---------------------------------------------------------------------------------------------------------------
 # PostgreSQL spellings: expressions over `alias.column`. E'' literals mean the same whatever
@@ -269,6 +270,118 @@ class MirrorRecords:
     def key(self, record: bytes) -> Any:
         """The key of the row in a record (or in its line)."""
         return orjson.loads(record.split(b"\x02", 1)[0])[self._key]
+
+
+# Derived field types a document carries as psycopg reads them and JSON spells them alike (see `document_rows_copy_sql`).
+_DOCUMENT_DERIVED_TYPES = frozenset({"text", "int", "bigint", "bool"})
+
+
+def documents_by_copy(table: SyncedTable) -> bool:
+    """Whether PostgreSQL can spell `table`'s search documents (`document_rows_copy_sql`): one key column, and derived
+    fields of types JSON spells as the enriched rows hold them."""
+    return (
+        table.elasticsearch_index is not None
+        and len(table.key) == 1
+        and all(f.type in _DOCUMENT_DERIVED_TYPES for f in table.derived)
+    )
+
+
+def document_rows_copy_sql(
+    table: SyncedTable, where: sql.Composable, *, relation: sql.Composable | None = None, sources: Sources | None = None
+) -> sql.Composed:
+    """A COPY that writes each row of `table` matching `where` (alias `t`) as one record that `DocumentRecords.fields`
+    turns into the search document's column and derived fields, as `transform.to_es_document` spells them from the
+    enriched row (the writer adds the metadata and the hash).
+
+    A record is `t` or `f`, the byte 0x02, then the fields as a JSON object. `f` marks a row holding a value the
+    document transform refuses or this spelling does not cover (a NULL in a NOT NULL column, a numeric with more
+    digits than its scale or not a number, a timestamp outside years 1 to 9999, a text[] holding NULL or nested): it
+    goes the row-by-row way, which decides. Derived fields are computed once per row, by the catalog's definition."""
+    if not documents_by_copy(table):
+        raise ValueError(f"{table.name}: its search documents are not spelled by PostgreSQL (see documents_by_copy)")
+    pairs: list[sql.Composable] = []
+    checks: list[sql.Composable] = []
+    for c in table.columns:
+        if not c.in_elasticsearch:
+            continue
+        v = sql.SQL("t.{}").format(sql.Identifier(c.name))
+        if c.type == "numeric":
+            exact = sql.SQL("round({v}, {s})").format(v=v, s=sql.Literal(c.scale or 0))
+            value: sql.Composable = sql.SQL("{}::text").format(exact)
+            checks.append(
+                sql.SQL("({v} IS NULL OR ({v} = {exact} AND {v} NOT IN ('NaN', 'Infinity', '-Infinity')))").format(
+                    v=v, exact=exact
+                )
+            )
+        elif c.type == "timestamptz":
+            value = sql.SQL(_PG_TIMESTAMP).format(v=v)
+            checks.append(
+                sql.SQL(
+                    "({v} IS NULL OR {v} >= '0001-01-01 00:00:00+00'::timestamptz "
+                    "AND {v} < '10000-01-01 00:00:00+00'::timestamptz)"
+                ).format(v=v)
+            )
+        elif c.type == "text[]":
+            value = v
+            checks.append(
+                sql.SQL(
+                    "({v} IS NULL OR (array_position({v}, NULL) IS NULL AND coalesce(array_ndims({v}), 1) = 1))"
+                ).format(v=v)
+            )
+        else:  # text, int, bigint, bool and jsonb: JSON spells them as psycopg reads them (jsonb: see DocumentRecords)
+            value = v
+        if not c.nullable and c.type != "jsonb":  # NULL in a NOT NULL jsonb column is the JSON value null
+            checks.append(sql.SQL("{} IS NOT NULL").format(v))
+        pairs += [sql.Literal(c.target_name), value]
+    inner = [sql.SQL("t.*")]
+    for f in table.derived:
+        inner.append(sql.SQL("{} AS {}").format(derived_sql(f, "t", sources=sources), sql.Identifier(f.name)))
+        pairs += [sql.Literal(f.name), sql.SQL("t.{}").format(sql.Identifier(f.name))]
+    ok = sql.SQL(" AND ").join(checks) if checks else sql.SQL("true")
+    return sql.SQL(
+        "COPY (SELECT CASE WHEN {ok} THEN 't' ELSE 'f' END, json_build_object({pairs}) "
+        "FROM (SELECT {inner} FROM {rel} AS t WHERE {where}) AS t) "
+        "TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+    ).format(
+        ok=ok,
+        pairs=sql.SQL(", ").join(pairs),
+        inner=sql.SQL(", ").join(inner),
+        rel=_relation(table, relation),
+        where=where,
+    )
+
+
+class DocumentRecords:
+    """Reads the records of `document_rows_copy_sql` for `table`."""
+
+    def __init__(self, table: SyncedTable):
+        self.table = table
+        self._jsonb = [c.target_name for c in table.columns if c.in_elasticsearch and c.type == "jsonb"]
+        self._key = table.column(single_key(table)).target_name
+
+    def fields(self, record: bytes) -> dict[str, Any]:
+        """The document's column and derived fields, valued as `to_es_document` values them from the enriched row.
+        ValueError for a row the COPY marked, or whose jsonb orjson might not read as psycopg's json.loads does (a
+        float outside 1e-4..1e16, which takes in integers beyond 64 bits): the row then goes the row-by-row way."""
+        flag, _, text = record.rstrip(b"\n").partition(b"\x02")
+        if flag != b"t":
+            raise ValueError(f"a row of {self.table.name} is left to the row-by-row transform")
+        try:
+            fields = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"a COPY record of {self.table.name} is not a JSON object") from exc
+        for name in self._jsonb:
+            if not json_floats_all(fields[name], plain_float):
+                raise ValueError(f"a jsonb value of {self.table.name} is left to the row-by-row transform")
+        return fields
+
+    def key(self, record: bytes) -> Any:
+        """The key of the row in a record (json reads what orjson does not: a number beyond a double)."""
+        text = record.rstrip(b"\n").partition(b"\x02")[2]
+        try:
+            return orjson.loads(text)[self._key]
+        except orjson.JSONDecodeError:
+            return json.loads(text)[self._key]
 
 
 def segment_checksum(

@@ -2,7 +2,8 @@
 
 A mirror is backfilled column-wise inside the stores: PostgreSQL spells each row as the mirror's JSON (Python
 writes only jsonb's canonical text into it) and ClickHouse parses blocks of them, with the row-by-row transform as
-the way for rows either refuses.
+the way for rows either refuses. A search index is backfilled with documents PostgreSQL spells the same way (Python
+adds the metadata and the hash), with the row-by-row transform for the rows that spelling leaves to it.
 
 Rows are read in one consistent snapshot and written with its LSN as their version, so a backfill
 racing with live CDC never overwrites a newer change, and never brings back a deleted row (a
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -28,7 +29,13 @@ from knowton_pipeline.catalog import SyncedTable
 from knowton_pipeline.lib.stores import Prepared, WriteItem
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
-from knowton_pipeline.lib.stores.postgres import MirrorRecords, mirror_rows_copy_sql
+from knowton_pipeline.lib.stores.postgres import (
+    DocumentRecords,
+    MirrorRecords,
+    document_rows_copy_sql,
+    documents_by_copy,
+    mirror_rows_copy_sql,
+)
 from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
 from knowton_pipeline.lib.transform import document_id
@@ -82,6 +89,12 @@ def backfill_range(
     # A writer that takes rows spelled by PostgreSQL (a mirror's); refused rows are found again by their one key.
     if callable(getattr(writer, "insert_json_rows", None)) and len(table.key) == 1:
         _copy_to_mirror(conn, table, where, params, writer, chunk=chunk, stats=stats, on_progress=on_progress)
+        stats.seconds = time.monotonic() - t0
+        _raise_failed(table, stats)
+        return stats
+    # A writer that takes documents PostgreSQL spelled (a search index's).
+    if callable(getattr(writer, "prepare_documents", None)) and documents_by_copy(table):
+        _copy_to_index(conn, table, where, params, writer, chunk=chunk, stats=stats, on_progress=on_progress)
         stats.seconds = time.monotonic() - t0
         _raise_failed(table, stats)
         return stats
@@ -174,7 +187,6 @@ def _copy_to_mirror(
     snapshot: the rows at fault are found and reported, the others written. A store that is down or refuses the
     write as such stops the backfill at once, as the row-by-row way does."""
     t0 = time.monotonic()
-    [key] = table.key
     records = MirrorRecords(table)
     refused: list[Any] = []  # keys of the rows to write row by row: in blocks ClickHouse refused...
     unspelled: list[Any] = []  # ...or whose jsonb the transform refused (found on the reading thread)
@@ -210,11 +222,85 @@ def _copy_to_mirror(
         for block in _ahead(blocks(), name=f"backfill-copy-{table.name}"):
             flush(block)
         stats.rows += len(unspelled)
-        refused += unspelled
-        key_is = sql.SQL("t.{} = ANY(%s)").format(sql.Identifier(key))
-        for start in range(0, len(refused), chunk):
-            for rows in stream_rows(conn, table, key_is, (refused[start : start + chunk],), chunk=chunk):
-                items = [WriteItem(table, r, lsn, False, (document_id(table, [r[key]]),)) for r in rows]
-                outcome = writer.send(writer.prepare(items))
-                stats.written += outcome.written
-                stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+        _rows_again(conn, table, [*refused, *unspelled], lsn, writer, chunk=chunk, stats=stats)
+
+
+def _rows_again(
+    conn: psycopg.Connection,
+    table: SyncedTable,
+    keys: Sequence[Any],
+    lsn: int,
+    writer: ClickHouseWriter | ElasticsearchWriter,
+    *,
+    chunk: int,
+    stats: BackfillStats,
+) -> None:
+    """Write the rows of `keys` (one key column) the row-by-row way, in the snapshot of `lsn` the caller holds: the
+    one transform decides each row, and the rows it or the store refuse are reported."""
+    [key] = table.key
+    key_is = sql.SQL("t.{} = ANY(%s)").format(sql.Identifier(key))
+    for start in range(0, len(keys), chunk):
+        wanted = (list(keys[start : start + chunk]),)
+        for rows in stream_rows(conn, table, key_is, wanted, chunk=chunk, enriched=writer.enriched_rows):
+            items = []
+            for raw in rows:
+                row, enrichment = split_enrichment(table, raw)
+                items.append(WriteItem(table, row, lsn, False, (document_id(table, [row[key]]),), enrichment or None))
+            outcome = writer.send(writer.prepare(items))
+            stats.written += outcome.written
+            stats.stale += outcome.stale
+            stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+
+
+def _copy_to_index(
+    conn: psycopg.Connection,
+    table: SyncedTable,
+    where: sql.Composable,
+    params: Sequence[Any],
+    writer: ElasticsearchWriter,
+    *,
+    chunk: int,
+    stats: BackfillStats,
+    on_progress: Callable[[BackfillStats], None] | None,
+) -> None:
+    """A search index's backfill with the documents spelled by PostgreSQL: a COPY gives each row's column and derived
+    fields as the document's JSON, so no row passes through psycopg's types and `to_es_document`; Python adds the
+    metadata and the hash (from the document, as every write does). The COPY is read and the bulk requests built on
+    a second thread while the ones before are sent. A row the COPY leaves to the transform, or whose jsonb it must
+    read itself, is written row by row after the COPY, in the same snapshot, where the one transform decides it."""
+    t0 = time.monotonic()
+    records = DocumentRecords(table)
+    unspelled: list[Any] = []  # keys of the rows to write row by row (found on the reading thread)
+    indexed_at = datetime.now(UTC)
+    with consistent_snapshot(conn) as lsn:
+        stats.snapshot_lsn = lsn
+
+        def batches() -> Iterator[tuple[int, Prepared]]:
+            documents: list[dict[str, Any]] = []
+            with conn.cursor() as cur, cur.copy(document_rows_copy_sql(table, where), params) as copy:
+                for data in copy:  # one row per record of a COPY TO
+                    record = bytes(data)
+                    try:
+                        documents.append(records.fields(record))
+                    except ValueError:
+                        unspelled.append(records.key(record))
+                    if len(documents) >= chunk:
+                        yield (
+                            len(documents),
+                            writer.prepare_documents(table, documents, version=lsn, indexed_at=indexed_at),
+                        )
+                        documents = []
+            if documents:
+                yield len(documents), writer.prepare_documents(table, documents, version=lsn, indexed_at=indexed_at)
+
+        for n, batch in _ahead(batches(), name=f"backfill-copy-{table.name}"):
+            outcome = writer.send(batch)
+            stats.rows += n
+            stats.written += outcome.written
+            stats.stale += outcome.stale
+            stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+            stats.seconds = time.monotonic() - t0
+            if on_progress:
+                on_progress(stats)
+        stats.rows += len(unspelled)
+        _rows_again(conn, table, unspelled, lsn, writer, chunk=chunk, stats=stats)
