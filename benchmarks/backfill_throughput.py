@@ -135,7 +135,9 @@ def main() -> int:
                     f"{t.name:<10} {store:<14} {r['rows']:>8.0f} {r['backfill']:>16,.0f} {r['raw']:>12,.0f} {ratio:>7.2f}"
                 )
     ch.command(f"DROP DATABASE IF EXISTS {BENCH_DB}")
-    print(f"medians of {args.repeat} runs each; ratio = backfill / raw (aim: >= 0.5 for ClickHouse, >= 0.9 for Elasticsearch)")
+    print(
+        f"medians of {args.repeat} runs each; ratio = backfill / raw (aim: >= 0.5 for ClickHouse, >= 0.9 for Elasticsearch)"
+    )
     return 0
 
 
