@@ -3,7 +3,7 @@
     eval "$(.venv/bin/knowton env)" && .venv/bin/python benchmarks/backfill_throughput.py [--repeat 3]
 
 Needs the stack up (`knowton stack up`) and demo data in PostgreSQL (`knowton seed`). Writes go to
-throwaway targets (ClickHouse database `knowton_bench`, Elasticsearch indices `knowton-*-bench`),
+throwaway targets (ClickHouse database `knowton_bench_backfill`, Elasticsearch indices `knowton-*-bench`),
 never to the pipeline's own. For each table and store it times:
   backfill  read from PostgreSQL in a consistent snapshot, transform, write (what a backfill run does);
   raw       the store operation alone on the already-finished rows: one ClickHouse `insert`, or
@@ -33,7 +33,7 @@ from knowton_pipeline.lib.sync.snapshot import consistent_snapshot
 from knowton_pipeline.lib.sync.source import split_enrichment, stream_rows
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
 
-BENCH_DB = "knowton_bench"
+BENCH_DB = "knowton_bench_backfill"
 CHUNK = 5000
 ALL_TIME = (datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
 

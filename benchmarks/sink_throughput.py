@@ -16,7 +16,7 @@ into `cdc-User`: the backlog. Then, for each store and repeat:
         versioning in chunks of 2,000.
   read  the backlog read from Kafka alone, in batches of 2,000 (`consume`, each record's value touched): no sink
         can apply events faster than it reads them, so read / raw bounds the ratio any sink here can reach.
-Both write to throwaway targets (ClickHouse database `knowton_bench`, index `knowton-users-bench`), never the
+Both write to throwaway targets (ClickHouse database `knowton_bench_sink`, index `knowton-users-bench`), never the
 pipeline's own. The figure is the ratio of the medians, sink events/s over raw rows/s.
 """
 
@@ -46,7 +46,7 @@ from knowton_pipeline.lib.sync.apply import ApplyConfig, CdcSink
 from knowton_pipeline.lib.transform import clickhouse_columns, document_id, to_clickhouse_row, to_es_document
 
 USER = table("User")
-BENCH_DB = "knowton_bench"
+BENCH_DB = "knowton_bench_sink"
 BENCH_INDEX = "knowton-users-bench"
 BATCH = 2000
 
