@@ -277,11 +277,12 @@ _DOCUMENT_DERIVED_TYPES = frozenset({"text", "int", "bigint", "bool"})
 
 
 def documents_by_copy(table: SyncedTable) -> bool:
-    """Whether PostgreSQL can spell `table`'s search documents (`document_rows_copy_sql`): one key column, and derived
-    fields of types JSON spells as the enriched rows hold them."""
+    """Whether PostgreSQL can spell `table`'s search documents (`document_rows_copy_sql`): one key column, which the
+    document holds, and derived fields of types JSON spells as the enriched rows hold them."""
     return (
         table.elasticsearch_index is not None
         and len(table.key) == 1
+        and table.column(table.key[0]).in_elasticsearch
         and all(f.type in _DOCUMENT_DERIVED_TYPES for f in table.derived)
     )
 
