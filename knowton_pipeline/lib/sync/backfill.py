@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from knowton_pipeline.catalog import SyncedTable
-from knowton_pipeline.lib.stores import Prepared, WriteItem
+from knowton_pipeline.lib.stores import Prepared, WriteItem, WriteOutcome
 from knowton_pipeline.lib.stores.clickhouse import ClickHouseWriter
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.stores.postgres import (
@@ -59,6 +59,31 @@ class BackfillStats:
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
+
+    def count(self, outcome: WriteOutcome) -> None:
+        """Add what a write did (the rows it was given are counted by the caller)."""
+        self.written += outcome.written
+        self.stale += outcome.stale
+        self.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+
+
+def _send_ahead(
+    batches: Iterator[tuple[int, Prepared]],
+    writer: ClickHouseWriter | ElasticsearchWriter,
+    stats: BackfillStats,
+    t0: float,
+    on_progress: Callable[[BackfillStats], None] | None,
+    *,
+    name: str,
+) -> None:
+    """Send each (rows, prepared batch) while the next is read and prepared on a second thread, one batch ahead: the
+    store's round trips and PostgreSQL's overlap instead of adding up."""
+    for n, batch in _ahead(batches, name=name):
+        stats.count(writer.send(batch))
+        stats.rows += n
+        stats.seconds = time.monotonic() - t0
+        if on_progress:
+            on_progress(stats)
 
 
 def backfill_range(
@@ -111,17 +136,7 @@ def backfill_range(
                     items.append(WriteItem(table, row, lsn, False, (source,), enrichment or None))
                 yield len(rows), writer.prepare(items)
 
-    # Reading and transforming run on a second thread, one chunk ahead of the writes: the store's round trips and
-    # PostgreSQL's overlap instead of adding up.
-    for n, batch in _ahead(prepared(), name=f"backfill-{table.name}"):
-        outcome = writer.send(batch)
-        stats.rows += n
-        stats.written += outcome.written
-        stats.stale += outcome.stale
-        stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
-        stats.seconds = time.monotonic() - t0
-        if on_progress:
-            on_progress(stats)
+    _send_ahead(prepared(), writer, stats, t0, on_progress, name=f"backfill-{table.name}")
     stats.seconds = time.monotonic() - t0
     _raise_failed(table, stats)
     return stats
@@ -246,10 +261,7 @@ def _rows_again(
             for raw in rows:
                 row, enrichment = split_enrichment(table, raw)
                 items.append(WriteItem(table, row, lsn, False, (document_id(table, [row[key]]),), enrichment or None))
-            outcome = writer.send(writer.prepare(items))
-            stats.written += outcome.written
-            stats.stale += outcome.stale
-            stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
+            stats.count(writer.send(writer.prepare(items)))
 
 
 def _copy_to_index(
@@ -293,14 +305,6 @@ def _copy_to_index(
             if documents:
                 yield len(documents), writer.prepare_documents(table, documents, version=lsn, indexed_at=indexed_at)
 
-        for n, batch in _ahead(batches(), name=f"backfill-copy-{table.name}"):
-            outcome = writer.send(batch)
-            stats.rows += n
-            stats.written += outcome.written
-            stats.stale += outcome.stale
-            stats.failed_keys += [str(item.sources[0]) for item, _ in outcome.poison]
-            stats.seconds = time.monotonic() - t0
-            if on_progress:
-                on_progress(stats)
+        _send_ahead(batches(), writer, stats, t0, on_progress, name=f"backfill-copy-{table.name}")
         stats.rows += len(unspelled)
         _rows_again(conn, table, unspelled, lsn, writer, chunk=chunk, stats=stats)
