@@ -688,3 +688,47 @@ def test_postgres_spells_jsonb_numbers_as_python_reads_them(scratch: Scratch) ->
             assert spelled in ("Infinity", "-Infinity"), text  # not JSON to Python: refused by the decoder
             continue
         assert spelled == canonical_json_value(value), text
+
+
+def test_both_copies_leave_a_text_array_the_transform_refuses_to_it_without_failing(scratch: Scratch) -> None:
+    """A tags array holding NULL, or nested: PostgreSQL holds it, the transform refuses it (a text[] of strings). Each
+    COPY marks its row for the row-by-row way (which reports it) and spells the others; neither COPY fails."""
+    synced = table("Content")
+    relation = scratch.relation(synced)
+    scratch.pg.execute(sql.SQL("TRUNCATE {}").format(relation))
+    for row in [content(1, tags=["a"]), content(2), content(3)]:
+        names = list(row)
+        scratch.pg.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                relation,
+                sql.SQL(", ").join(map(sql.Identifier, names)),
+                sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            ),
+            [Jsonb(row[n]) if n == "metadata" else row[n] for n in names],
+        )
+    scratch.pg.execute(sql.SQL("UPDATE {} SET tags = '{{{{a,b}},{{c,d}}}}' WHERE id = 2").format(relation))
+    scratch.pg.execute(sql.SQL("UPDATE {} SET tags = ARRAY['a', NULL] WHERE id = 3").format(relation))
+
+    documents = DocumentRecords(synced)
+    copy_sql = document_rows_copy_sql(synced, sql.SQL("true"), relation=relation, sources=scratch.sources)
+    with scratch.pg.cursor() as cur, cur.copy(copy_sql) as copy:
+        records = {documents.key(bytes(r)): bytes(r) for r in copy}
+    assert documents.fields(records[1])["tags"] == ["a"]
+    for key in (2, 3):
+        with pytest.raises(ValueError, match="left to the row-by-row transform"):
+            documents.fields(records[key])
+
+    mirror = MirrorRecords(synced)
+    with (
+        scratch.pg.cursor() as cur,
+        cur.copy(mirror_rows_copy_sql(synced, sql.SQL("true"), 7, relation=relation)) as copy,
+    ):
+        lines = {mirror.key(bytes(r)): mirror.line(bytes(r)) for r in copy}
+    assert sorted(lines) == [1, 2, 3]
+    writer = ClickHouseWriter(scratch.ch, database=scratch.ch_copy_database)
+    for key in (2, 3):  # spelled so that ClickHouse refuses the row: it then goes the row-by-row way
+        assert not writer.insert_json_rows(synced, mirror.columns, lines[key])
+    for row in postgres_python_rows(scratch, synced):
+        if row["id"] in (2, 3):
+            with pytest.raises(ValueError, match="tags"):
+                to_clickhouse_row(synced, row, version=7, deleted=False)

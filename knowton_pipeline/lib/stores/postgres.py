@@ -34,7 +34,7 @@ from knowton_pipeline.lib.stores.base import (
     sum_by_day,
     text_prefix,
 )
-from knowton_pipeline.lib.transform import canonical_json_text, json_floats_all, plain_float
+from knowton_pipeline.lib.transform import ES_METADATA_FIELDS, canonical_json_text, json_floats_all, plain_float
 
 # ---------------------------------------------------------------------------------------------------------------
 # PostgreSQL spellings: expressions over `alias.column`. E'' literals mean the same whatever
@@ -221,7 +221,8 @@ def mirror_rows_copy_sql(
         elif c.type == "text[]":
             values.append(
                 sql.SQL(
-                    "CASE WHEN array_position({v}, NULL) IS NOT NULL OR array_ndims({v}) > 1 THEN {r} "
+                    # array_position raises on a nested array: the dimensions are tested first.
+                    "CASE WHEN array_ndims({v}) > 1 THEN {r} WHEN array_position({v}, NULL) IS NOT NULL THEN {r} "
                     "ELSE to_json({v}) END"
                 ).format(v=v, r=refused)
             )
@@ -278,12 +279,13 @@ _DOCUMENT_DERIVED_TYPES = frozenset({"text", "int", "bigint", "bool"})
 
 def documents_by_copy(table: SyncedTable) -> bool:
     """Whether PostgreSQL can spell `table`'s search documents (`document_rows_copy_sql`): one key column, which the
-    document holds, and derived fields of types JSON spells as the enriched rows hold them."""
+    document holds, and derived fields of types JSON spells as the enriched rows hold them (and not named like the
+    metadata, which the document transform refuses)."""
     return (
         table.elasticsearch_index is not None
         and len(table.key) == 1
         and table.column(table.key[0]).in_elasticsearch
-        and all(f.type in _DOCUMENT_DERIVED_TYPES for f in table.derived)
+        and all(f.type in _DOCUMENT_DERIVED_TYPES and f.name not in ES_METADATA_FIELDS for f in table.derived)
     )
 
 
@@ -326,7 +328,9 @@ def document_rows_copy_sql(
             value = v
             checks.append(
                 sql.SQL(
-                    "({v} IS NULL OR (array_position({v}, NULL) IS NULL AND coalesce(array_ndims({v}), 1) = 1))"
+                    # array_position raises on a nested array: the dimensions are tested first.
+                    "({v} IS NULL OR CASE WHEN coalesce(array_ndims({v}), 1) > 1 THEN false "
+                    "ELSE array_position({v}, NULL) IS NULL END)"
                 ).format(v=v)
             )
         else:  # text, int, bigint, bool and jsonb: JSON spells them as psycopg reads them (jsonb: see DocumentRecords)
