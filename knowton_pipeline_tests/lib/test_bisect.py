@@ -19,6 +19,7 @@ from knowton_pipeline.lib.reconcile.bisect import (
     find_differences,
     runs,
 )
+from knowton_pipeline.lib.reconcile.engine import prefix_length, prefix_parts
 
 
 def in_segment(sorted_keys: Sequence[Key], seg: Segment) -> Sequence[Key]:
@@ -91,7 +92,7 @@ def run(source: dict, target: dict, threshold: int = 8, fanout: int = 4, asked: 
         return out
 
     root = Segment()
-    return find_differences((root, s.checksum(root), t.checksum(root)), split, compare, threshold=threshold)
+    return find_differences([(root, s.checksum(root), t.checksum(root))], split, compare, threshold=threshold)
 
 
 keys_int = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -180,3 +181,53 @@ def test_runs_group_exactly_the_adjacent_parts(bounds: list[int], data: st.DataO
         assert all(a.hi == b.lo for a, b in itertools.pairwise(members))
     for (_, a), (_, b) in itertools.pairwise(grouped):
         assert a[-1].hi != b[0].lo  # separate runs are not adjacent
+
+
+# Text keys as every store holds them: no NUL, any other character (a surrogate cannot be encoded, so none).
+_TEXT_KEYS = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=0, max_size=12
+)
+
+
+@given(keys=st.sets(_TEXT_KEYS, min_size=1, max_size=200), length=st.integers(1, 8), other=st.lists(_TEXT_KEYS))
+@settings(max_examples=300, deadline=None)
+def test_prefix_parts_put_every_key_in_its_beginnings_part_and_cover_every_other_key_once(
+    keys: set[str], length: int, other: list[str]
+) -> None:
+    sums: dict[str, Checksum] = {}
+    for k in keys:
+        c = sums.get(k[:length], Checksum(0, 0))
+        sums[k[:length]] = Checksum(c.count + 1, c.total + row_hash(k))
+    parts, by_part = prefix_parts(sums)
+    assert len(parts) == len(sums) == len(by_part)
+    assert parts[0].lo is None and parts[-1].hi is None
+    assert all(a.hi == b.lo for a, b in itertools.pairwise(parts))
+    # The keys each part holds are exactly those of its beginning: its checksum is the part's own.
+    ordered = sorted(keys)
+    assert by_part == [
+        Checksum(len(found), sum(row_hash(k) for k in found)) for found in (in_segment(ordered, p) for p in parts)
+    ]
+    # A key the source does not have (a target's extra row) is in exactly one part.
+    for k in other:
+        assert sum(p.contains(k) for p in parts) == 1
+
+
+@given(keys=st.lists(_TEXT_KEYS, min_size=1, max_size=300), wanted=st.integers(2, 64))
+@settings(max_examples=200, deadline=None)
+def test_the_prefix_length_cuts_the_sample_into_at_least_two_and_at_most_the_wanted_groups(
+    keys: list[str], wanted: int
+) -> None:
+    n = prefix_length(keys, wanted)
+    counts = {m: len({k[:m] for k in keys}) for m in range(1, 9)}
+    if n is None:
+        assert all(c < 2 or c > wanted for c in counts.values())
+    else:
+        assert 2 <= counts[n] <= wanted
+        # The longest that does: every longer one is outside the bounds.
+        assert all(not 2 <= counts[m] <= wanted for m in range(n + 1, 9))
+
+
+def test_addresses_are_grouped_by_their_first_five_characters() -> None:
+    rng = random.Random(7)
+    sample = ["0x" + "".join(rng.choice("0123456789abcdef") for _ in range(40)) for _ in range(32_768)]
+    assert prefix_length(sample, 4096) == 5

@@ -80,22 +80,22 @@ def runs(parts: Sequence[Segment]) -> list[tuple[Segment, list[Segment]]]:
 
 
 def find_differences(
-    root: Summed,
+    start: Sequence[Summed],
     split: Callable[[Sequence[Summed]], list[list[Summed]]],
     compare: Callable[[Sequence[Segment]], tuple[Differences, int]],
     *,
     threshold: int = 256,
 ) -> tuple[Differences, BisectStats]:
-    """Differences between source and target under `root` (a segment with both its checksums).
+    """Differences between source and target under `start`: disjoint segments, each with both its checksums.
 
-    Level by level: every segment of a level whose checksums differ is either compared row by row (at most
+    Level by level, from `start`: every segment of a level whose checksums differ is either compared row by row (at most
     `threshold` rows on each side) or split, and all of a level's splits and all its comparisons are asked at once,
     so a store answers one question per level however many segments differ. `split(parents)` returns each parent's
     parts with their checksums, in key order (fewer than two: it cannot be cut, and is compared whole);
     `compare(segments)` compares the rows of small segments and returns the differences and the rows it read.
     """
     diffs, stats = Differences(), BisectStats()
-    level = [root]
+    level = list(start)
     while level:
         stats.levels += 1
         stats.segments_checked += len(level)

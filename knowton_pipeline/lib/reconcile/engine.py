@@ -4,7 +4,9 @@ Modes:
 - `checksum`: every row. The checksum of the whole table; when it differs, a level-by-level bisection of the key
   segments whose checksums differ (a big table is cut at once into parts of about half the threshold, in one
   grouped scan per store), down to a row-by-row comparison of small segments, all of a level's segments in one
-  query per store; then, only when some day's count can differ, which days' counts do. ClickHouse computes its
+  query per store; then, only when some day's count can differ, which days' counts do. The source is summed by
+  parts in its first scan (an integer key's range cut evenly, text keys grouped by their first characters), so
+  that only the target is scanned again when the two differ. ClickHouse computes its
   checksums from the mirror's data; Elasticsearch sums the hash the writer stored.
 - `full`: as `checksum`, and an Elasticsearch index is streamed and hashed from `_source`, so an edit
   made directly in the index is caught. (A mirror's checksum already comes from its data.)
@@ -26,6 +28,7 @@ the result says so (`confirmed_by`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +65,10 @@ Pair = tuple[str | None, str | None]  # (source, target) canonical strings of a 
 Recheck = Literal["settled", "drift", "moved"]
 # How differences were confirmed: against a position the target applied past, after a fixed wait, or not at all.
 Confirmation = Literal["position", "fixed wait", "none"]
+
+# The first pass sums the source by at most this many parts: more groups cost its scan more (at 10M rows,
+# PostgreSQL's grouped checksum took 3-4% longer than the plain one with 4,096 parts, 6.5% with 16,384).
+FIRST_PASS_PARTS = 4096
 
 STORE_ERRORS = (psycopg.Error, ch_errors.Error, ApiError, elastic_transport.TransportError, OSError)
 
@@ -250,8 +257,7 @@ class Reconciler:
                 if bounds is None:
                     return []
                 lo, hi = int(bounds[0]), int(bounds[1])
-            points = sorted({lo + (hi - lo + 1) * i // parts for i in range(1, parts)} - {lo})
-            return [p for p in points if lo < p <= hi]
+            return _even_points(lo, hi, parts)
         points = side.split_points(seg, parts, count)
         # Text keys are cut at their first 8 bytes when that keeps most cuts: every store then finds a key's part by
         # a binary search of those prefixes (see stores/base.py, short_starts).
@@ -401,11 +407,50 @@ class Reconciler:
         return applied
 
     # --- the run -------------------------------------------------------------------------------
-    def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
+    def _first_pass(self) -> Callable[[], tuple[list[Segment], list[Checksum]]] | None:
+        """How the first pass sums the source by parts, so that drift needs no second scan of it; None: whole.
+        - An integer key's range, between the source's indexed smallest and largest key, is cut arithmetically
+          into parts of about half the threshold (FIRST_PASS_PARTS at most).
+        - Text keys are grouped by their first n characters, n chosen on a sample of keys so that there are about
+          as many groups. Each group is a part from its beginning to the next one's: a key begins with its group's
+          beginning, so it is at or above it, and below every greater beginning."""
         root = Segment()
-        s, t = self._both(lambda: self.source.checksum(root), lambda: self.target.checksum(root))
+        if self._integer_key:
+            bounds = self.source.key_bounds(root)
+            if bounds is None or int(bounds[1]) - int(bounds[0]) < self.options.threshold:
+                return None
+            lo, hi = int(bounds[0]), int(bounds[1])
+            parts = root.split(_even_points(lo, hi, min(self._fanout(hi - lo + 1), FIRST_PASS_PARTS)))
+            return lambda: (parts, self.source.checksums_of(parts))
+        source = self.source
+        if not isinstance(source, PostgresSide):
+            return None
+        sample, rows = source.sample_keys(8 * FIRST_PASS_PARTS)
+        if rows < self.options.threshold:
+            return None
+        length = prefix_length(sample, min(self._fanout(rows), FIRST_PASS_PARTS))
+        if length is None:
+            return None
+        return lambda: prefix_parts(source.prefix_checksums(length))
+
+    def _full_pass(self) -> tuple[Differences, BisectStats, int, int, dict[date | None, tuple[int, int]]]:
+        # The source, the costlier store to scan, is summed by parts in the same scan that sums it whole; the target
+        # is summed whole, and by the same parts only when the two differ. A clean run costs the source a grouped
+        # scan (a few percent more than a plain one); drift costs one more scan of the target, not of both.
+        root = Segment()
+        parts: list[Segment] = []
+        by_part: list[Checksum] = []
+        first = self._first_pass()
+        if first is not None:
+            (parts, by_part), t = self._both(first, lambda: self.target.checksum(root))
+            s = Checksum(sum(c.count for c in by_part), sum(c.total for c in by_part))
+        else:
+            s, t = self._both(lambda: self.source.checksum(root), lambda: self.target.checksum(root))
         self._on_progress(f"{self.table.name}: {s.count} rows in PostgreSQL, {t.count} in {self.target_name}")
-        diffs, stats = find_differences((root, s, t), self.split, self.compare_rows, threshold=self.options.threshold)
+        start: list[Summed] = [(root, s, t)]
+        if len(parts) > 1 and s != t:
+            start = list(zip(parts, by_part, self.target.checksums_of(parts), strict=True))
+        diffs, stats = find_differences(start, self.split, self.compare_rows, threshold=self.options.threshold)
         mismatched_days: dict[date | None, tuple[int, int]] = {}
         if s.count != t.count or self._may_move_days(diffs):
             # Which days' counts differ: a second scan, only when some day's count can differ at all.
@@ -470,6 +515,34 @@ class Reconciler:
             confirmed_by=self.confirmed_by,
             confirmation_note=self.confirmation_note,
         )
+
+
+def prefix_length(sample: Sequence[str], wanted: int) -> int | None:
+    """The longest beginning, 1 to 8 characters, that cuts the keys of `sample` into at least 2 and at most
+    `wanted` groups; None when none does."""
+    best = None
+    for n in range(1, 9):
+        groups = len({key[:n] for key in sample})
+        if groups > wanted:
+            break
+        if groups >= 2:
+            best = n
+    return best
+
+
+def prefix_parts(sums: dict[str, Checksum]) -> tuple[list[Segment], list[Checksum]]:
+    """Parts of the whole key space from the checksums of the keys' beginnings (`PostgresSide.prefix_checksums`):
+    each beginning's part runs from it to the next one, the first unbounded below and the last above."""
+    starts = sorted(sums)
+    bounds: list[Key | None] = [None, *starts[1:], None]
+    parts = [Segment(lo, hi) for lo, hi in itertools.pairwise(bounds)] if starts else []
+    return parts, [sums[p] for p in starts]
+
+
+def _even_points(lo: int, hi: int, parts: int) -> list[int]:
+    """Cuts of the integer keys lo..hi into `parts` parts of even width (fewer when the range is narrower)."""
+    points = sorted({lo + (hi - lo + 1) * i // parts for i in range(1, parts)} - {lo})
+    return [p for p in points if lo < p <= hi]
 
 
 def build_reconciler(

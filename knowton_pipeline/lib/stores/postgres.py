@@ -577,6 +577,28 @@ class PostgresSide:
                 for name in settings:
                     self.conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
 
+    def sample_keys(self, size: int) -> tuple[list[Key], int]:
+        """About `size` keys drawn from the whole table by block sampling, and its estimated number of rows."""
+        found = self.conn.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (self._rel.as_string(self.conn),)
+        ).fetchone()
+        estimate = int(found[0]) if found is not None else -1
+        percent = 100.0 if estimate <= size else max(0.001, 100.0 * size / estimate)
+        query = sql.SQL("SELECT t.{key} FROM {rel} AS t TABLESAMPLE SYSTEM (%(percent)s) LIMIT %(limit)s").format(
+            key=sql.Identifier(self.key), rel=self._rel
+        )
+        keys = [r[0] for r in self.conn.execute(query, {"percent": percent, "limit": 4 * size}).fetchall()]
+        return keys, max(estimate, len(keys))
+
+    def prefix_checksums(self, length: int) -> dict[str, Checksum]:
+        """The checksum of the rows of each beginning of `length` characters (the whole key when shorter) that
+        some key has: one grouped scan."""
+        query = sql.SQL(
+            'SELECT left(t.{key}, %(length)s) COLLATE "C" AS p, count(*), coalesce(sum({hash}), 0) FROM {rel} AS t '
+            "GROUP BY p"
+        ).format(key=sql.Identifier(self.key), hash=hash_sql(self.table, "t", shape=self.shape), rel=self._rel)
+        return {p: Checksum(int(n), int(total)) for p, n, total in self._grouped(query, {"length": length})}
+
     def rows_of(self, segments: Sequence[Segment]) -> dict[Key, str]:
         out: dict[Key, str] = {}
         for group in chunks(runs(segments), RANGES_PER_QUERY):
