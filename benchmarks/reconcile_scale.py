@@ -9,9 +9,10 @@ ClickHouse (database `knowton_bench`), both from the same formulas inside each s
 index `bench-events` written through the pipeline's own writer. Nothing of the pipeline's own data is touched.
 It reports, medians of --repeat runs, per table:
 
-  floor        the PostgreSQL checksum scan alone (count and sum of row hashes over the whole table);
-  no drift     a full reconciliation (per-day checksums in both stores at once, nothing differs): its ratio
-               to the floor;
+  floor        the PostgreSQL checksum scan alone (count and sum of row hashes over the whole table), measured
+               in turns with the mirror's clean runs;
+  no drift     a full reconciliation (both stores' checksums at once, PostgreSQL's summed by parts; nothing
+               differs): its ratio to the floor;
   100 drifted  100 scattered rows edited in the target: time to the exact, confirmed key list (the re-check
                confirms at a known position: the target's sink has applied past an anchor taken after the
                comparison; --fixed-wait re-checks after a fixed --settle wait instead, --settle 0 not at all),
@@ -53,7 +54,7 @@ from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.stores import WriteItem, target_store
 from knowton_pipeline.lib.stores import elasticsearch as es_store
 from knowton_pipeline.lib.stores import postgres as pg_store
-from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
+from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide, ensure_stored_hash
 from knowton_pipeline.lib.stores.elasticsearch import (
     DocumentStreamSide,
     ElasticsearchWriter,
@@ -237,6 +238,7 @@ def generate(conn: psycopg.Connection, ch: Any, bench: Bench, rows: int) -> None
     for stmt in (f"CREATE DATABASE IF NOT EXISTS {DATABASE}", f"DROP TABLE IF EXISTS {DATABASE}.{t.name}"):
         ch.command(stmt)
     ch.command(bench.ch_ddl)
+    ensure_stored_hash(ch, t, DATABASE)  # as `knowton schema apply` gives every mirror
     for lo in range(1, rows + 1, step):
         ch.command(bench.ch_fill, parameters={"lo": lo, "n": min(step, rows - lo + 1)})
     ch.command(f"OPTIMIZE TABLE {DATABASE}.{t.name} FINAL")
@@ -485,7 +487,13 @@ def bench_table(
 ) -> None:
     t = bench.table
     rows = conn.execute(f"SELECT count(*) FROM bench.{t.name}").fetchone()[0]  # type: ignore[index]
-    floor = [timed(lambda: pg_store.segment_checksum(conn, t))[0] for _ in range(args.repeat)]
+    # The floor and the mirror's clean runs take turns, so that both meet the machine in the same state.
+    floor: list[float] = []
+    clean_mirror: list[tuple[float, ReconcileResult]] = []
+    for _ in range(args.repeat):
+        floor.append(timed(lambda: pg_store.segment_checksum(conn, t))[0])
+        mirror = ClickHouseSide(ch, t, database=DATABASE)
+        clean_mirror.append(timed(lambda m=mirror: reconciler(conn, t, m, "clickhouse").run()))
     f = statistics.median(floor)
     print(
         f"\n## {t.name} ({t.description}): {rows:,} rows\n\nfloor (PostgreSQL checksum scan alone): median {f:.2f} s "
@@ -507,9 +515,14 @@ def bench_table(
     print("|---|---|---|---|---|---|---|---|---|---|")
     keys = [bench.key_of(i) for i in random.Random(1).sample(range(1, rows + 1), 100)]
     for name, side, drift_es, extra in targets:
-        clean = [
-            timed(lambda s=side, n=name, x=extra: reconciler(conn, t, s(), n, **x).run()) for _ in range(args.repeat)
-        ]
+        clean = (
+            clean_mirror
+            if name == "clickhouse"
+            else [
+                timed(lambda s=side, n=name, x=extra: reconciler(conn, t, s(), n, **x).run())
+                for _ in range(args.repeat)
+            ]
+        )
         assert all(r.clean for _, r in clean), "generated stores should match"
         t_clean = statistics.median(sec for sec, _ in clean)
         # The target's own share, alone: on a small machine both stores share the same cores.

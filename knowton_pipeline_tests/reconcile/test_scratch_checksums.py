@@ -1,9 +1,12 @@
-"""The first pass sums PostgreSQL by parts in the scan that sums it whole (an integer key's range cut evenly, text
-keys grouped by their first characters): a clean run asks each store one question, and drift is located without
-scanning PostgreSQL again (only the mirror is summed by the same parts). Keys the source does not have, below its
-smallest key and above its largest, are still found.
+"""Checksums over scratch copies of one table in both stores, filled with the same rows, so that what a run asks is
+this run's alone.
 
-Scratch copies in both stores, filled with the same rows, so the counts of questions are those of this run alone."""
+- The first pass sums PostgreSQL by parts in the scan that sums it whole (an integer key's range cut evenly, text
+  keys grouped by their first characters): a clean run asks each store one question, and drift is located without
+  scanning PostgreSQL again (only the mirror is summed by the same parts). Keys the source does not have, below its
+  smallest key and above its largest, are still found.
+- The mirror's stored hash is read once it holds this code's expression in every part, and equals the hash
+  computed from the columns; a mutation behind the pipeline's back changes it; a stale one is not read."""
 
 from __future__ import annotations
 
@@ -17,11 +20,17 @@ import pytest
 from clickhouse_connect.driver.client import Client as ClickHouseClient
 from psycopg import sql
 
-from knowton_pipeline.catalog import Column, SyncedTable
+from knowton_pipeline.catalog import TABLES, Column, SyncedTable
 from knowton_pipeline.lib.reconcile.bisect import Checksum, Segment
 from knowton_pipeline.lib.reconcile.engine import ReconcileOptions, Reconciler, prefix_parts
 from knowton_pipeline.lib.stores import target_store
-from knowton_pipeline.lib.stores.clickhouse import ClickHouseSide
+from knowton_pipeline.lib.stores.clickhouse import (
+    STORED_HASH_COLUMN,
+    ClickHouseSide,
+    apply_schema,
+    ensure_stored_hash,
+    stored_hash_ready,
+)
 from knowton_pipeline.lib.stores.postgres import PostgresSide
 
 SCHEMA, DATABASE = "scratch_first_pass", "knowton_scratch_first_pass"
@@ -119,6 +128,7 @@ def test_the_first_pass_sums_postgresql_by_parts_once_and_drift_rescans_only_the
     key_type: str, pg: psycopg.Connection, ch: ClickHouseClient
 ) -> None:
     key_of, _, _, below, above = KEYS[key_type]
+    ensure_stored_hash(ch, _table(key_type), DATABASE)
     clean, source, target = _run(pg, ch, key_type)
     assert clean.clean and (clean.source_rows, clean.target_rows) == (ROWS, ROWS)
     # One question each: PostgreSQL summed by parts covering every key, the mirror summed whole.
@@ -155,3 +165,53 @@ def test_the_first_pass_sums_postgresql_by_parts_once_and_drift_rescans_only_the
     assert all(len(segs) < len(parts) // 10 and Segment() not in segs for _, segs in target.asked[2:])
     # Only the differing parts' rows travelled.
     assert drifted.stats.rows_compared < ROWS // 10
+
+
+@pytest.mark.parametrize("key_type", ["bigint"], indirect=True)
+def test_the_stored_hash_is_read_only_when_it_is_this_codes_and_equals_the_computed_one(
+    key_type: str, pg: psycopg.Connection, ch: ClickHouseClient
+) -> None:
+    table = _table(key_type)
+    parts = Segment().split([500, 1_000, 1_500])
+
+    def sums(side: ClickHouseSide) -> list[Checksum]:
+        return [side.checksum(Segment()), *side.checksums_of(parts), *side.day_checksums().values()]
+
+    computed = sums(ClickHouseSide(ch, table, database=DATABASE, full=True))
+    # No column yet: the side computes the hash from the columns.
+    without = ClickHouseSide(ch, table, database=DATABASE)
+    assert not without.stored and sums(without) == computed
+    assert ensure_stored_hash(ch, table, DATABASE) == f"clickhouse: {DATABASE}.parts.{STORED_HASH_COLUMN} added"
+    assert ensure_stored_hash(ch, table, DATABASE) is None  # applied again: nothing to do
+    stored = ClickHouseSide(ch, table, database=DATABASE)
+    assert stored.stored and sums(stored) == computed
+    assert not ClickHouseSide(ch, table, database=DATABASE, full=True).stored
+
+    # A mutation behind the pipeline's back is seen in the stored hash, so a run finds it.
+    ch.command(f"ALTER TABLE {DATABASE}.parts UPDATE note = 'mutated' WHERE id = 42 SETTINGS mutations_sync = 2")
+    result, _, target = _run(pg, ch, key_type)
+    assert target.stored and result.differences.different == {42: ["note"]}
+
+    # A stored hash of another expression (a release whose spelling changed, or one left half way) is not read:
+    # the side computes the hash, and finds the same; applying the schema brings it to this code's.
+    ch.command(
+        f"ALTER TABLE {DATABASE}.parts MODIFY COLUMN {STORED_HASH_COLUMN} UInt64 MATERIALIZED toUInt64(0) COMMENT ''"
+    )
+    ch.command(f"ALTER TABLE {DATABASE}.parts MATERIALIZE COLUMN {STORED_HASH_COLUMN} SETTINGS mutations_sync = 2")
+    assert not stored_hash_ready(ch, table, DATABASE)
+    result, _, target = _run(pg, ch, key_type)
+    assert not target.stored and result.differences.different == {42: ["note"]}
+    assert ensure_stored_hash(ch, table, DATABASE) == (
+        f"clickhouse: {DATABASE}.parts.{STORED_HASH_COLUMN} brought to this release's row hash"
+    )
+    again = ClickHouseSide(ch, table, database=DATABASE)
+    assert again.stored and sums(again) == sums(ClickHouseSide(ch, table, database=DATABASE, full=True))
+
+
+def test_every_mirror_holds_this_codes_stored_hash_once_the_schema_is_applied(ch: ClickHouseClient) -> None:
+    lines = list(apply_schema(ch))  # the stack applied it at start: applied again, it finds them done
+    for t in TABLES:
+        assert stored_hash_ready(ch, t), t.name
+        assert f"clickhouse: knowton.{t.clickhouse_table}.{STORED_HASH_COLUMN} up to date" in lines
+        side = ClickHouseSide(ch, t)
+        assert side.stored and side.checksum(Segment()) == ClickHouseSide(ch, t, full=True).checksum(Segment())
