@@ -487,6 +487,8 @@ def bench_table(
 ) -> None:
     t = bench.table
     rows = conn.execute(f"SELECT count(*) FROM bench.{t.name}").fetchone()[0]  # type: ignore[index]
+    if rows < args.rows // 2:
+        raise SystemExit(f"bench.{t.name} holds {rows:,} rows, not about {args.rows:,}: run without --reuse")
     # The floor and the mirror's clean runs take turns, so that both meet the machine in the same state.
     floor: list[float] = []
     clean_mirror: list[tuple[float, ReconcileResult]] = []
