@@ -22,6 +22,8 @@ It reports, medians of --repeat runs, per table:
                against an identical copy in the same PostgreSQL, with no drift and with the same 100 rows edited
                in the copy, on 1 and 2 threads, in a process of its own;
   peak memory  the highest resident set of this process (and of reladiff's) so far, after each step.
+Every timed check of the search index starts with the index's request cache empty, as on a live index (the sink's
+refreshes empty it), so a repeat is not answered from the cache the run before it filled.
 """
 
 from __future__ import annotations
@@ -290,6 +292,14 @@ def search_floor(es: Elasticsearch, repeat: int) -> tuple[float, str]:
     return best
 
 
+def uncached(side: Any) -> Any:
+    """`side`, its index's request cache emptied: a live index, refreshed as the sink writes, would not answer a
+    checksum from that cache, so no timed run may."""
+    if isinstance(side, StoredHashSide | DocumentStreamSide):
+        side.es.indices.clear_cache(index=side.index, request=True)
+    return side
+
+
 def reconciler(
     conn: psycopg.Connection,
     table: SyncedTable,
@@ -299,6 +309,7 @@ def reconciler(
     **options: Any,
 ) -> Reconciler:
     """Without `confirm`, the first pass is the result (settle_seconds 0)."""
+    uncached(target)
     opts = ReconcileOptions(**{"settle_seconds": 0, **options, **(confirm.options if confirm else {})})
     store = target_store(name)
     return Reconciler(
@@ -528,7 +539,9 @@ def bench_table(
         assert all(r.clean for _, r in clean), "generated stores should match"
         t_clean = statistics.median(sec for sec, _ in clean)
         # The target's own share, alone: on a small machine both stores share the same cores.
-        t_target = statistics.median(timed(lambda s=side: s().checksum(Segment()))[0] for _ in range(args.repeat))
+        t_target = statistics.median(
+            timed(lambda s=side: uncached(s()).checksum(Segment()))[0] for _ in range(args.repeat)
+        )
         drift(conn, ch, drift_es, bench, keys)
         try:
             found: list[tuple[float, ReconcileResult]] = [

@@ -153,3 +153,29 @@ def test_many_text_parts_are_found_by_binary_search_exactly_as_one_by_one(
                 assert sum(c.count for c in found) == len(rows)
                 inner = parts[1:]  # every part bounded below, as a deeper level asks
                 assert side.checksums_of(inner[::3]) == expected_checksums(rows, parts)[1:][::3], side.label
+
+
+def test_many_integer_parts_are_summed_by_range_and_by_search_exactly_as_one_by_one(
+    caught_up: None, apply: Callable[[], ApplyStats], pg: psycopg.Connection, es: Elasticsearch
+) -> None:
+    creator = insert_user(pg)
+    for i in range(20):
+        insert_content(pg, creator, title=f"ranged {i}")
+    apply()
+    side = StoredHashSide(es, table("Content"))
+    rows = side.rows(Segment())
+    lo, hi = min(rows), max(rows)
+    # More parts than one range aggregation takes (RANGES_PER_QUERY), some of them empty.
+    points = sorted({*range(lo, lo + 700), lo + (hi - lo) // 2, hi})
+    parts = Segment().split(points)
+    assert len(parts) > 600
+    expected = expected_checksums(rows, parts)
+    assert sum(c.count for c in expected) == len(rows) >= 20
+    assert side.checksums_of(parts) == expected
+    assert side._checksums_by_range(parts) == expected
+    assert side._checksums_by_search(parts) == expected
+    every_third = [p for p in parts[1:]][::3]
+    assert side.checksums_of(every_third) == expected[1:][::3]
+    # A bound a double cannot hold exactly is summed by searches, with the same answer.
+    beyond = [*parts[:-1], Segment(parts[-1].lo, 2**60), Segment(2**60, None)]
+    assert side.checksums_of(beyond) == [*expected, Checksum(0, 0)]

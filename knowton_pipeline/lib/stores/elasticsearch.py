@@ -381,6 +381,11 @@ def stream_documents(
         es.close_point_in_time(id=pit)
 
 
+def _exact_double(bound: Key | None) -> bool:
+    """Whether a part's bound is unbounded or an integer a double holds exactly."""
+    return bound is None or (isinstance(bound, int) and abs(bound) <= 2**53)
+
+
 class _IndexSide:
     """A search index (through its alias), compared on the fields its documents hold."""
 
@@ -393,6 +398,7 @@ class _IndexSide:
         self.es, self.table = es, table
         self.index = index or table.elasticsearch_index
         self.key_field = table.column(single_key(table)).target_name
+        self._integer_key = table.column(single_key(table)).type in ("int", "bigint")
         self._created = table.column(table.created_at).target_name if table.created_at else None
 
     def stream(self, query: dict[str, Any], fields: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -449,8 +455,11 @@ class StoredHashSide(_IndexSide):
     """Checksums are sums of the hash the writer stored in each document, computed by Elasticsearch: fast, and it
     verifies what the pipeline wrote (an edit made directly in the index is `DocumentStreamSide`'s to find)."""
 
-    # A filters aggregation costs a query per part: keep splits small.
-    max_parts = 256
+    # Parts are summed by a range aggregation (integer keys) or one search each in a multi-search request, so that
+    # every document is read once whatever the number of parts (a filters aggregation with sums under it tests
+    # every document against every part: 14 s for 256 parts of a million documents, against 0.1 s).
+    max_parts = 4096
+    searches_per_request = 1024
 
     @staticmethod
     def _hash_sums() -> dict[str, Any]:
@@ -500,23 +509,62 @@ class StoredHashSide(_IndexSide):
         return self.checksums_of(seg.split(points))
 
     def checksums_of(self, parts: Sequence[Segment]) -> list[Checksum]:
-        """A filters aggregation of up to `max_parts` parts per request, over the runs they make up."""
+        if self._integer_key and all(_exact_double(b) for part in parts for b in (part.lo, part.hi)):
+            return self._checksums_by_range(parts)
+        return self._checksums_by_search(parts)
+
+    def _checksums_by_range(self, parts: Sequence[Segment]) -> list[Checksum]:
+        """A range aggregation over the runs the parts make up (RANGES_PER_QUERY parts a request, so that the runs'
+        query stays within a search's clause limit): a document finds its parts by its key. The aggregation's
+        bounds are doubles, exact here: every bound is an integer within 2**53 (a key beyond it still compares
+        right with such a bound, as rounding keeps the order)."""
         out: list[Checksum] = []
-        for batch in chunks(parts, self.max_parts):
-            filters = {
-                str(i): es_segment_query(self.table, part.lo, part.hi)["bool"]["filter"][0]
-                if part.lo is not None or part.hi is not None
-                else {"match_all": {}}
-                for i, part in enumerate(batch)
-            }
+        for batch in chunks(parts, RANGES_PER_QUERY):
+            ranges = [
+                {"key": str(i)}
+                | ({"from": p.lo} if p.lo is not None else {})
+                | ({"to": p.hi} if p.hi is not None else {})
+                for i, p in enumerate(batch)
+            ]
             response = self.es.search(
                 index=self.index,
                 size=0,
                 query=self._in_runs(batch),
-                aggs={"parts": {"filters": {"filters": filters}, "aggs": self._hash_sums()}},
+                aggs={
+                    "parts": {
+                        "range": {"field": self.key_field, "keyed": True, "ranges": ranges},
+                        "aggs": self._hash_sums(),
+                    }
+                },
             )
             found = response["aggregations"]["parts"]["buckets"]
             out += [self._from_sums(found[str(i)], found[str(i)]["doc_count"]) for i in range(len(batch))]
+        return out
+
+    def _checksums_by_search(self, parts: Sequence[Segment]) -> list[Checksum]:
+        """One search per part (its key range, summed), sent in multi-search requests."""
+        out: list[Checksum] = []
+        for batch in chunks(parts, self.searches_per_request):
+            searches: list[dict[str, Any]] = []
+            for part in batch:
+                searches.append({"index": self.index})
+                searches.append(
+                    {
+                        "size": 0,
+                        "query": es_segment_query(self.table, part.lo, part.hi),
+                        "aggs": self._hash_sums(),
+                        "track_total_hits": True,
+                    }
+                )
+            response = self.es.msearch(searches=searches)
+            for part, answer in zip(batch, response["responses"], strict=True):
+                if "error" in answer:  # one part's failure leaves no verdict, as a failed request does
+                    raise ApiError(
+                        f"summing {self.index} for keys in [{part.lo!r}, {part.hi!r}) failed: {answer['error']}",
+                        meta=response.meta,
+                        body=answer,
+                    )
+                out.append(self._from_sums(answer["aggregations"], answer["hits"]["total"]["value"]))
         return out
 
     def key_bounds(self, seg: Segment) -> tuple[Key, Key] | None:
