@@ -9,8 +9,9 @@ ClickHouse (database `knowton_bench`), both from the same formulas inside each s
 index `bench-events` written through the pipeline's own writer. Nothing of the pipeline's own data is touched.
 It reports, medians of --repeat runs, per table:
 
-  floor        the PostgreSQL checksum scan alone (count and sum of row hashes over the whole table), measured
-               in turns with the mirror's clean runs;
+  floor        the PostgreSQL checksum scan alone (count and sum of row hashes over the whole table), with the
+               parallel plan the reconciliation's grouped scan is given, measured in turns with the mirror's clean
+               runs;
   no drift     a full reconciliation (both stores' checksums at once, PostgreSQL's summed by parts; nothing
                differs): its ratio to the floor;
   100 drifted  100 scattered rows edited in the target: time to the exact, confirmed key list (the re-check
@@ -292,6 +293,18 @@ def search_floor(es: Elasticsearch, repeat: int) -> tuple[float, str]:
     return best
 
 
+def floor_scan(conn: psycopg.Connection, table: SyncedTable) -> Any:
+    """PostgreSQL's plain checksum scan of the whole table, with the parallel plan the reconciliation's own grouped
+    scan is given (`PostgresSide._grouped`), so that the two are measured alike."""
+    conn.execute("SET parallel_setup_cost = 0")
+    conn.execute("SET parallel_tuple_cost = 0")
+    try:
+        return pg_store.segment_checksum(conn, table)
+    finally:
+        conn.execute("RESET parallel_setup_cost")
+        conn.execute("RESET parallel_tuple_cost")
+
+
 def uncached(side: Any) -> Any:
     """`side`, its index's request cache emptied: a live index, refreshed as the sink writes, would not answer a
     checksum from that cache, so no timed run may."""
@@ -504,13 +517,16 @@ def bench_table(
     floor: list[float] = []
     clean_mirror: list[tuple[float, ReconcileResult]] = []
     for _ in range(args.repeat):
-        floor.append(timed(lambda: pg_store.segment_checksum(conn, t))[0])
+        floor.append(timed(lambda: floor_scan(conn, t))[0])
         mirror = ClickHouseSide(ch, t, database=DATABASE)
-        clean_mirror.append(timed(lambda m=mirror: reconciler(conn, t, m, "clickhouse").run()))
+        clean_mirror.append(
+            timed(lambda m=mirror: reconciler(conn, t, m, "clickhouse", threshold=args.threshold).run())
+        )
     f = statistics.median(floor)
     print(
         f"\n## {t.name} ({t.description}): {rows:,} rows\n\nfloor (PostgreSQL checksum scan alone): median {f:.2f} s "
-        f"({rows / f:,.0f} rows/s)"
+        f"({rows / f:,.0f} rows/s)\nthe mirror's checksums sum "
+        + ("its stored row hash" if mirror.stored else "a row hash computed from its columns (stored hash not ready)")
     )
     es_here = args.es and t.elasticsearch_index is not None
     targets: list[tuple[str, Callable[[], Any], Elasticsearch | None, dict[str, Any]]] = [
@@ -532,7 +548,7 @@ def bench_table(
             clean_mirror
             if name == "clickhouse"
             else [
-                timed(lambda s=side, n=name, x=extra: reconciler(conn, t, s(), n, **x).run())
+                timed(lambda s=side, n=name, x=extra: reconciler(conn, t, s(), n, threshold=args.threshold, **x).run())
                 for _ in range(args.repeat)
             ]
         )

@@ -189,17 +189,24 @@ _TEXT_KEYS = st.text(
 )
 
 
-@given(keys=st.sets(_TEXT_KEYS, min_size=1, max_size=200), length=st.integers(1, 8), other=st.lists(_TEXT_KEYS))
+@given(
+    keys=st.sets(_TEXT_KEYS, min_size=1, max_size=200),
+    length=st.integers(1, 8),
+    other=st.lists(_TEXT_KEYS),
+    most=st.one_of(st.just(4096), st.integers(1, 50)),
+)
 @settings(max_examples=300, deadline=None)
 def test_prefix_parts_put_every_key_in_its_beginnings_part_and_cover_every_other_key_once(
-    keys: set[str], length: int, other: list[str]
+    keys: set[str], length: int, other: list[str], most: int
 ) -> None:
     sums: dict[str, Checksum] = {}
     for k in keys:
         c = sums.get(k[:length], Checksum(0, 0))
         sums[k[:length]] = Checksum(c.count + 1, c.total + row_hash(k))
-    parts, by_part = prefix_parts(sums)
-    assert len(parts) == len(sums) == len(by_part)
+    parts, by_part = prefix_parts(sums, most)
+    assert len(parts) == len(by_part) <= min(len(sums), most)
+    if len(sums) <= most:
+        assert len(parts) == len(sums)  # one part a beginning: merged only beyond `most`
     assert parts[0].lo is None and parts[-1].hi is None
     assert all(a.hi == b.lo for a, b in itertools.pairwise(parts))
     # The keys each part holds are exactly those of its beginning: its checksum is the part's own.

@@ -215,3 +215,18 @@ def test_every_mirror_holds_this_codes_stored_hash_once_the_schema_is_applied(ch
         assert f"clickhouse: knowton.{t.clickhouse_table}.{STORED_HASH_COLUMN} up to date" in lines
         side = ClickHouseSide(ch, t)
         assert side.stored and side.checksum(Segment()) == ClickHouseSide(ch, t, full=True).checksum(Segment())
+
+
+@pytest.mark.parametrize("key_type", ["text"], indirect=True)
+def test_a_sample_of_a_table_whose_size_the_planner_does_not_know_gives_no_estimate(
+    key_type: str, pg: psycopg.Connection
+) -> None:
+    side = PostgresSide(pg, _table(key_type), shape="mirror")
+    # Never analyzed: asked for the whole table, the sample stops at its limit, so it is only the first pages.
+    keys, rows = side.sample_keys(100)
+    assert len(keys) == 400 and rows is None
+    keys, rows = side.sample_keys(1_000)  # the limit is above the table: the sample is all of it
+    assert sorted(keys) == sorted(KEYS[key_type][0](i) for i in range(1, ROWS + 1)) and rows == ROWS
+    pg.execute(sql.SQL("ANALYZE {}.parts").format(sql.Identifier(SCHEMA)))
+    keys, rows = side.sample_keys(100)  # a block sample of about 5% (random: it may even be empty)
+    assert rows == ROWS and len(keys) <= 400

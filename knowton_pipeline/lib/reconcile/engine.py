@@ -6,10 +6,10 @@ Modes:
   grouped scan per store), down to a row-by-row comparison of small segments, all of a level's segments in one
   query per store; then, only when some day's count can differ, which days' counts do. The source is summed by
   parts in its first scan (an integer key's range cut evenly, text keys grouped by their first characters), so
-  that only the target is scanned again when the two differ. ClickHouse computes its
-  checksums from the mirror's data; Elasticsearch sums the hash the writer stored.
-- `full`: as `checksum`, and an Elasticsearch index is streamed and hashed from `_source`, so an edit
-  made directly in the index is caught. (A mirror's checksum already comes from its data.)
+  that only the target is scanned again when the two differ. A ClickHouse mirror sums the hash it stored with each
+  row (computed from the row on insert and by every mutation); Elasticsearch sums the hash the writer stored.
+- `full`: as `checksum`, but a mirror's hash is computed from its columns, and an Elasticsearch index is streamed
+  and hashed from `_source`, so an edit made directly in the index is caught.
 - `incremental`: only the keys whose updated-at falls in the window (plus a margin) on either side,
   compared row by row. Hard deletes leave no updated-at behind: the daily full run finds those.
 
@@ -426,8 +426,8 @@ class Reconciler:
         if not isinstance(source, PostgresSide):
             return None
         sample, rows = source.sample_keys(8 * FIRST_PASS_PARTS)
-        if rows < self.options.threshold:
-            return None
+        if rows is None or rows < self.options.threshold:
+            return None  # (None: a big table never analyzed, whose sample may be its first pages only)
         length = prefix_length(sample, min(self._fanout(rows), FIRST_PASS_PARTS))
         if length is None:
             return None
@@ -530,13 +530,20 @@ def prefix_length(sample: Sequence[str], wanted: int) -> int | None:
     return best
 
 
-def prefix_parts(sums: dict[str, Checksum]) -> tuple[list[Segment], list[Checksum]]:
+def prefix_parts(sums: dict[str, Checksum], most: int = FIRST_PASS_PARTS) -> tuple[list[Segment], list[Checksum]]:
     """Parts of the whole key space from the checksums of the keys' beginnings (`PostgresSide.prefix_checksums`):
-    each beginning's part runs from it to the next one, the first unbounded below and the last above."""
+    each beginning's part runs from it to the next one, the first unbounded below and the last above. Beyond `most`
+    beginnings (the sample that chose their length missed how many the table has), neighbours are merged: a run of
+    beginnings is one part, from the first of them to the next run's, summed."""
     starts = sorted(sums)
-    bounds: list[Key | None] = [None, *starts[1:], None]
-    parts = [Segment(lo, hi) for lo, hi in itertools.pairwise(bounds)] if starts else []
-    return parts, [sums[p] for p in starts]
+    if not starts:
+        return [], []
+    size = math.ceil(len(starts) / most)
+    groups = [starts[i : i + size] for i in range(0, len(starts), size)]
+    bounds: list[Key | None] = [None, *(run[0] for run in groups[1:]), None]
+    parts = [Segment(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    totals = [Checksum(sum(sums[p].count for p in run), sum(sums[p].total for p in run)) for run in groups]
+    return parts, totals
 
 
 def _even_points(lo: int, hi: int, parts: int) -> list[int]:

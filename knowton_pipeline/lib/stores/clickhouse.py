@@ -189,7 +189,18 @@ def ensure_stored_hash(client: ClickHouseClient, table: SyncedTable, database: s
     mirror, column = _mirror(table, database), backtick(STORED_HASH_COLUMN)
     verb = "ADD" if found is None else "MODIFY"
     client.command(f"ALTER TABLE {mirror} {verb} COLUMN {column} UInt64 MATERIALIZED {hash_sql(table)} COMMENT ''")
-    client.command(f"ALTER TABLE {mirror} MATERIALIZE COLUMN {column} SETTINGS mutations_sync = 2")
+    # An insert that began before the ALTER may commit a part after the mutation was queued, with the hash it was
+    # begun with: the column is materialized again until no row holds another value than the expression's.
+    for _ in range(3):
+        client.command(f"ALTER TABLE {mirror} MATERIALIZE COLUMN {column} SETTINGS mutations_sync = 2")
+        stale = client.query(f"SELECT count() FROM {mirror} WHERE {column} != {hash_sql(table)}").result_rows[0][0]
+        if not stale:
+            break
+    else:
+        raise RuntimeError(
+            f"{database}.{table.clickhouse_table}.{STORED_HASH_COLUMN}: {stale} row(s) still hold another hash after "
+            "three materializations; apply the schema again when no writer is running"
+        )
     client.command(f"ALTER TABLE {mirror} COMMENT COLUMN {column} '{stored_hash_tag(table)}'")
     done = "added" if found is None else "brought to this release's row hash"
     return f"clickhouse: {database}.{table.clickhouse_table}.{STORED_HASH_COLUMN} {done}"

@@ -381,9 +381,18 @@ def stream_documents(
         es.close_point_in_time(id=pit)
 
 
+def _whole(answer: Mapping[str, Any], meta: Any, what: str) -> Mapping[str, Any]:
+    """A search's answer, refused unless every shard answered in time: sums over part of an index are no checksum."""
+    failed = answer.get("_shards", {}).get("failed", 0)
+    if "error" in answer or failed or answer.get("timed_out"):
+        reason = answer.get("error") or (f"{failed} shard(s) failed" if failed else "timed out")
+        raise ApiError(f"{what}: {reason}", meta=meta, body=answer)
+    return answer
+
+
 def _exact_double(bound: Key | None) -> bool:
     """Whether a part's bound is unbounded or an integer a double holds exactly."""
-    return bound is None or (isinstance(bound, int) and abs(bound) <= 2**53)
+    return bound is None or (isinstance(bound, int) and abs(bound) < 2**53)
 
 
 class _IndexSide:
@@ -476,6 +485,7 @@ class StoredHashSide(_IndexSide):
             response = self.es.search(
                 index=self.index, size=0, query=query, aggs=self._hash_sums(), track_total_hits=True
             )
+            _whole(response.body, response.meta, f"summing {self.index}")
             return {NO_DAY: self._from_sums(response["aggregations"], response["hits"]["total"]["value"])}
         response = self.es.search(
             index=self.index,
@@ -489,6 +499,7 @@ class StoredHashSide(_IndexSide):
             },
         )
         out = {}
+        _whole(response.body, response.meta, f"summing {self.index} by day")
         for bucket in response["aggregations"]["days"]["buckets"]:
             if bucket["doc_count"]:
                 day = date.fromisoformat(bucket["key_as_string"][:10])
@@ -503,6 +514,7 @@ class StoredHashSide(_IndexSide):
             aggs=self._hash_sums(),
             track_total_hits=True,
         )
+        _whole(response.body, response.meta, f"summing {self.index}")
         return self._from_sums(response["aggregations"], response["hits"]["total"]["value"])
 
     def split_checksums(self, seg: Segment, points: Sequence[Key]) -> list[Checksum]:
@@ -537,6 +549,7 @@ class StoredHashSide(_IndexSide):
                     }
                 },
             )
+            _whole(response.body, response.meta, f"summing {self.index} by key ranges")
             found = response["aggregations"]["parts"]["buckets"]
             out += [self._from_sums(found[str(i)], found[str(i)]["doc_count"]) for i in range(len(batch))]
         return out
@@ -558,12 +571,8 @@ class StoredHashSide(_IndexSide):
                 )
             response = self.es.msearch(searches=searches)
             for part, answer in zip(batch, response["responses"], strict=True):
-                if "error" in answer:  # one part's failure leaves no verdict, as a failed request does
-                    raise ApiError(
-                        f"summing {self.index} for keys in [{part.lo!r}, {part.hi!r}) failed: {answer['error']}",
-                        meta=response.meta,
-                        body=answer,
-                    )
+                # One part's failure leaves no verdict, as a failed request does.
+                _whole(answer, response.meta, f"summing {self.index} for keys in [{part.lo!r}, {part.hi!r})")
                 out.append(self._from_sums(answer["aggregations"], answer["hits"]["total"]["value"]))
         return out
 

@@ -577,8 +577,10 @@ class PostgresSide:
                 for name in settings:
                     self.conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
 
-    def sample_keys(self, size: int) -> tuple[list[Key], int]:
-        """About `size` keys drawn from the whole table by block sampling, and its estimated number of rows."""
+    def sample_keys(self, size: int) -> tuple[list[Key], int | None]:
+        """About `size` keys drawn from the whole table by block sampling, and its estimated number of rows; None
+        for that when the planner's estimate is missing or stale (the table holds more than 4 x `size` rows where
+        it expected at most `size`): the sample is then the table's first pages, not the whole table."""
         found = self.conn.execute(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (self._rel.as_string(self.conn),)
         ).fetchone()
@@ -588,6 +590,8 @@ class PostgresSide:
             key=sql.Identifier(self.key), rel=self._rel
         )
         keys = [r[0] for r in self.conn.execute(query, {"percent": percent, "limit": 4 * size}).fetchall()]
+        if percent == 100.0 and len(keys) == 4 * size:
+            return keys, None  # a stale estimate: the whole table was asked for, and it holds more than that
         return keys, max(estimate, len(keys))
 
     def prefix_checksums(self, length: int) -> dict[str, Checksum]:
