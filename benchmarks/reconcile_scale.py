@@ -296,13 +296,8 @@ def search_floor(es: Elasticsearch, repeat: int) -> tuple[float, str]:
 def floor_scan(conn: psycopg.Connection, table: SyncedTable) -> Any:
     """PostgreSQL's plain checksum scan of the whole table, with the parallel plan the reconciliation's own grouped
     scan is given (`PostgresSide._grouped`), so that the two are measured alike."""
-    conn.execute("SET parallel_setup_cost = 0")
-    conn.execute("SET parallel_tuple_cost = 0")
-    try:
+    with pg_store.parallel_aggregation(conn):
         return pg_store.segment_checksum(conn, table)
-    finally:
-        conn.execute("RESET parallel_setup_cost")
-        conn.execute("RESET parallel_tuple_cost")
 
 
 def uncached(side: Any) -> Any:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
@@ -461,6 +462,23 @@ def column_errors(table: SyncedTable, columns: Mapping[str, tuple[str, int | Non
 # The reconcile side
 
 
+@contextmanager
+def parallel_aggregation(conn: psycopg.Connection, *, sort: bool = True) -> Iterator[None]:
+    """Statements run here are planned with parallel workers whatever their size (and, `sort=False`, group by hash
+    rather than by a sort); the session's settings are put back after."""
+    settings = ("parallel_setup_cost", "parallel_tuple_cost", *(() if sort else ("enable_sort",)))
+    conn.execute("SET parallel_setup_cost = 0")
+    conn.execute("SET parallel_tuple_cost = 0")
+    if not sort:
+        conn.execute("SET enable_sort = off")
+    try:
+        yield
+    finally:
+        if conn.info.transaction_status in (TransactionStatus.IDLE, TransactionStatus.INTRANS):
+            for name in settings:
+                conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
+
+
 class PostgresSide:
     """The source: a PostgreSQL table, its canonical rows spelled in the target's shape."""
 
@@ -566,16 +584,8 @@ class PostgresSide:
     def _grouped(self, query: sql.Composable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """A grouped checksum query, aggregated in parallel workers by hash (a sort of every row would cost a
         third of the scan again)."""
-        settings = ("enable_sort", "parallel_setup_cost", "parallel_tuple_cost")
-        self.conn.execute("SET enable_sort = off")
-        self.conn.execute("SET parallel_setup_cost = 0")
-        self.conn.execute("SET parallel_tuple_cost = 0")
-        try:
+        with parallel_aggregation(self.conn, sort=False):
             return self.conn.execute(query, params).fetchall()
-        finally:
-            if self.conn.info.transaction_status in (TransactionStatus.IDLE, TransactionStatus.INTRANS):
-                for name in settings:
-                    self.conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
 
     def sample_keys(self, size: int) -> tuple[list[Key], int | None]:
         """About `size` keys drawn from the whole table by block sampling, and its estimated number of rows; None
