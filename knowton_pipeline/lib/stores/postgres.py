@@ -194,6 +194,24 @@ def segment_rows_sql(
     )
 
 
+# PostgreSQL passes a function at most 100 arguments: the JSON of a wider row is built in parts of 100 (50 pairs of
+# an object), joined as jsonb, which keeps each value as it is (numbers exact, strings unchanged).
+MOST_FUNCTION_ARGUMENTS = 100
+
+
+def _json_built(function: str, args: Sequence[sql.Composable]) -> sql.Composable:
+    """`function(args)` (json_build_array, or json_build_object of key, value pairs), in parts when there are more
+    arguments than PostgreSQL passes to one call."""
+    step = MOST_FUNCTION_ARGUMENTS
+    calls = [
+        sql.SQL("{}({})").format(sql.SQL(function), sql.SQL(", ").join(args[i : i + step]))
+        for i in range(0, max(len(args), 1), step)
+    ]
+    if len(calls) == 1:
+        return calls[0]
+    return sql.SQL("({})").format(sql.SQL(" || ").join(sql.SQL("{}::jsonb").format(call) for call in calls))
+
+
 def mirror_rows_copy_sql(
     table: SyncedTable, where: sql.Composable, version: int, *, relation: sql.Composable | None = None
 ) -> sql.Composed:
@@ -233,10 +251,10 @@ def mirror_rows_copy_sql(
             values.append(v)
     values += [sql.Literal(version), sql.Literal(0)]
     return sql.SQL(
-        "COPY (SELECT json_build_array({values}){jsonb} FROM {rel} AS t WHERE {where}) "
+        "COPY (SELECT {values}{jsonb} FROM {rel} AS t WHERE {where}) "
         "TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
     ).format(
-        values=sql.SQL(", ").join(values),
+        values=_json_built("json_build_array", values),
         jsonb=sql.SQL("").join(sql.SQL(", {}").format(v) for v in jsonb),
         rel=_relation(table, relation),
         where=where,
@@ -345,12 +363,12 @@ def document_rows_copy_sql(
         pairs += [sql.Literal(f.name), sql.SQL("t.{}").format(sql.Identifier(f.name))]
     ok = sql.SQL(" AND ").join(checks) if checks else sql.SQL("true")
     return sql.SQL(
-        "COPY (SELECT CASE WHEN {ok} THEN 't' ELSE 'f' END, json_build_object({pairs}) "
+        "COPY (SELECT CASE WHEN {ok} THEN 't' ELSE 'f' END, {document} "
         "FROM (SELECT {inner} FROM {rel} AS t WHERE {where}) AS t) "
         "TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
     ).format(
         ok=ok,
-        pairs=sql.SQL(", ").join(pairs),
+        document=_json_built("json_build_object", pairs),
         inner=sql.SQL(", ").join(inner),
         rel=_relation(table, relation),
         where=where,
