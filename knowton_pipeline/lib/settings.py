@@ -17,6 +17,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The Dagster instance's config, linked into DAGSTER_HOME. Not at the repository root: `dg dev` runs there and
 # warns that a dagster.yaml in its folder "will not be used" whenever DAGSTER_HOME is another folder.
 DAGSTER_YAML = PROJECT_ROOT / "config" / "dagster.yaml"
+# The largest Kafka record the pipeline carries: a change event holds its row twice (old and new image), so a row
+# with a large text or jsonb value is a large record. Kafka's default (1 MB) failed the Debezium task on such a row
+# and stopped CDC for every table. The broker, Connect's producer and the DLQ producer all take this much.
+KAFKA_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def redact_dsn(dsn: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from knowton_pipeline.lib.settings import Settings
+from knowton_pipeline.lib.settings import KAFKA_MAX_MESSAGE_BYTES, Settings
 
 KAFKA_VERSION = "4.3.1"
 ELASTICSEARCH_VERSION = "8.19.21"
@@ -296,6 +296,7 @@ class Kafka(Component):
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.hours": "168",
+            "message.max.bytes": str(KAFKA_MAX_MESSAGE_BYTES),  # every topic's limit, unless it sets its own
         }
         _write_properties(self.dir / "server.properties", props)
         (self.dir / "log4j2.properties").write_text(_KAFKA_LOG4J)
@@ -382,6 +383,10 @@ class Connect(Component):
             "status.storage.replication.factor": "1",
             "status.storage.partitions": "1",
             "offset.flush.interval.ms": "1000",
+            # A change event of a row with a large value is sent whole (the broker takes as much); the buffer holds
+            # at least one such record.
+            "producer.max.request.size": str(KAFKA_MAX_MESSAGE_BYTES),
+            "producer.buffer.memory": str(2 * KAFKA_MAX_MESSAGE_BYTES),
             "listeners": f"http://127.0.0.1:{port}",
             "rest.advertised.host.name": "127.0.0.1",
             "rest.advertised.port": port,

@@ -160,7 +160,7 @@ def test_a_bulk_request_under_way_when_the_alias_moves_loses_nothing(
     (here: held by `wait_for_active_shards=all` until the old index's unassignable replica is dropped):
     the rebuild waits for it and copies what it wrote; nothing is left behind in the deleted old index."""
     items = _unsaved_users(200)
-    operations, _ = ElasticsearchWriter(es).prepare(items).payload
+    operations = b"".join(ElasticsearchWriter(es).prepare(items).payload[0])
     held = Elasticsearch(settings.es_url, request_timeout=120)
     answers: list[dict] = []
     timeline: dict[str, float] = {}

@@ -792,6 +792,22 @@ def _json_bytes(doc: dict[str, Any]) -> bytes:
 
 
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
+# A batch's bulk operations go in requests of at most this many bytes: Elasticsearch refuses a request larger than
+# its http.max_content_length (100 MB by default) as a whole, which a batch of large documents would be.
+BULK_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+def bulk_requests(operations: Sequence[bytes], most: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs `[start, end)` of `operations` of at most `most` bytes together; an operation larger than
+    that on its own."""
+    start, size = 0, 0
+    for i, op in enumerate(operations):
+        if i > start and size + len(op) > most:
+            yield start, i
+            start, size = i, 0
+        size += len(op)
+    if start < len(operations):
+        yield start, len(operations)
 
 
 # Bulk item errors that are about the document itself. Any other error (cluster_block_exception for a write
@@ -822,10 +838,18 @@ class ElasticsearchWriter:
     enriched_rows = True
     takes_columns = False  # a document is more than its row: built one by one (`changed_documents`)
 
-    def __init__(self, es: Elasticsearch, *, index_names: Mapping[str, str] | None = None):
-        """`index_names` maps an alias to another index to write to (a rebuild or a benchmark)."""
+    def __init__(
+        self,
+        es: Elasticsearch,
+        *,
+        index_names: Mapping[str, str] | None = None,
+        request_bytes: int = BULK_REQUEST_BYTES,
+    ):
+        """`index_names` maps an alias to another index to write to (a rebuild or a benchmark); `request_bytes` is
+        the most a bulk request carries (`BULK_REQUEST_BYTES`)."""
         self.es = es
         self.index_names = dict(index_names or {})
+        self.request_bytes = request_bytes
 
     def write(self, items: Sequence[WriteItem], *, indexed_at: datetime | None = None) -> WriteOutcome:
         return self.send(self.prepare(items, indexed_at=indexed_at))
@@ -883,7 +907,7 @@ class ElasticsearchWriter:
                 continue
             operations.append(_operation(index, doc_id, item.version, doc))
             planned.append(item)
-        return Prepared(out, (b"".join(operations), planned))
+        return Prepared(out, (operations, planned))
 
     def prepare_documents(
         self, table: SyncedTable, documents: Sequence[dict[str, Any]], *, version: int, indexed_at: datetime
@@ -908,22 +932,30 @@ class ElasticsearchWriter:
             doc_id = document_id(table, [doc[key_field]])
             operations.append(_operation(index, doc_id, version, doc))
             planned.append(WriteItem(table, {key: doc[key_field]}, version, False, (doc_id,)))
-        return Prepared(WriteOutcome(), (b"".join(operations), planned))
+        return Prepared(WriteOutcome(), (operations, planned))
 
     def send(self, prepared: Prepared) -> WriteOutcome:
         out = prepared.outcome
         operations, planned = prepared.payload
-        if not operations:
-            return out
+        refused: dict[str, int] = defaultdict(int)
+        for start, end in bulk_requests(operations, self.request_bytes):
+            self._send_request(operations[start:end], planned[start:end], out, refused)
+        if refused:
+            causes = ", ".join(f"{n} x {cause}" for cause, n in sorted(refused.items()))
+            raise StoreRefusedError(f"Elasticsearch refused document(s) store-wide ({causes}); holding the batch")
+        return out
+
+    def _send_request(
+        self, operations: Sequence[bytes], planned: Sequence[WriteItem], out: WriteOutcome, refused: dict[str, int]
+    ) -> None:
         try:
             # Only what is read back: parsing full per-item results cost as much as building the request.
-            response = self.es.bulk(operations=operations, refresh=False, filter_path=BULK_FILTER)
+            response = self.es.bulk(operations=b"".join(operations), refresh=False, filter_path=BULK_FILTER)
         except ApiError as exc:
             # The request as a whole was refused: whatever the status, no single document is to blame.
             raise StoreRefusedError(f"Elasticsearch refused the bulk request (HTTP {exc.meta.status})") from exc
         except elastic_transport.TransportError as exc:
             raise TransientStoreError(f"Elasticsearch unavailable: {type(exc).__name__}") from exc
-        refused: dict[str, int] = defaultdict(int)
         for item, result in zip(planned, response["items"], strict=True):
             r = result["index"]
             status = r.get("status", 500)
@@ -938,10 +970,6 @@ class ElasticsearchWriter:
                 out.poison.append((item, MappingRejectedError(f"{error.get('type')}: {error.get('reason')}")))
             else:
                 refused[f"HTTP {status} {error.get('type') or 'error'}"] += 1
-        if refused:
-            causes = ", ".join(f"{n} x {cause}" for cause, n in sorted(refused.items()))
-            raise StoreRefusedError(f"Elasticsearch refused document(s) store-wide ({causes}); holding the batch")
-        return out
 
 
 class MappingRejectedError(ValueError):
