@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -102,9 +102,10 @@ def read_rows(pg: psycopg.Connection, relation: sql.Identifier) -> dict[int, dic
         return {r["id"]: r for r in cur.execute(sql.SQL("SELECT * FROM {}").format(relation))}
 
 
-def copied(pg: psycopg.Connection, query: sql.Composable) -> list[bytes]:
+def copied(pg: psycopg.Connection, query: sql.Composable, key: Callable[[bytes], Any]) -> dict[Any, bytes]:
+    """The COPY's records by the key of their row."""
     with pg.cursor() as cur, cur.copy(query) as copy:
-        return [bytes(r) for r in copy]
+        return {key(bytes(r)): bytes(r) for r in copy}
 
 
 def as_json(v: Any) -> Any:
@@ -118,13 +119,13 @@ def test_a_wide_tables_mirror_rows_are_spelled_in_full_as_the_row_transform_writ
     pg: psycopg.Connection, wide: tuple[SyncedTable, sql.Identifier]
 ) -> None:
     synced, relation = wide
-    rows = read_rows(pg, relation)
     reader = MirrorRecords(synced)
-    records = copied(pg, mirror_rows_copy_sql(synced, sql.SQL("true"), 7, relation=relation))
-    assert sorted(reader.key(r) for r in records) == sorted(rows)
-    for record in records:
+    records = copied(pg, mirror_rows_copy_sql(synced, sql.SQL("true"), 7, relation=relation), reader.key)
+    rows = read_rows(pg, relation)
+    assert sorted(records) == sorted(rows)
+    for key, record in records.items():
         got = json.loads(reader.line(record), parse_float=Decimal)
-        expected = [as_json(v) for v in to_clickhouse_row(synced, rows[reader.key(record)], version=7, deleted=False)]
+        expected = [as_json(v) for v in to_clickhouse_row(synced, rows[key], version=7, deleted=False)]
         assert len(got) == len(expected) == len(synced.columns) + 2
         assert got == expected
 
@@ -133,14 +134,13 @@ def test_a_wide_tables_search_documents_are_spelled_in_full_as_the_document_tran
     pg: psycopg.Connection, wide: tuple[SyncedTable, sql.Identifier]
 ) -> None:
     synced, relation = wide
-    rows = read_rows(pg, relation)
     reader = DocumentRecords(synced)
-    records = copied(pg, document_rows_copy_sql(synced, sql.SQL("true"), relation=relation))
-    assert sorted(reader.key(r) for r in records) == sorted(rows)
+    records = copied(pg, document_rows_copy_sql(synced, sql.SQL("true"), relation=relation), reader.key)
+    rows = read_rows(pg, relation)
+    assert sorted(records) == sorted(rows)
     indexed_at = datetime(2026, 12, 4, tzinfo=UTC)
-    for record in records:
-        row = rows[reader.key(record)]
-        expected = to_es_document(synced, row, version=7, deleted=False, indexed_at=indexed_at)
+    for key, record in records.items():
+        expected = to_es_document(synced, rows[key], version=7, deleted=False, indexed_at=indexed_at)
         fields = reader.fields(record)
         assert len(fields) == len(synced.columns)
         assert fields == {k: v for k, v in expected.items() if k not in ES_METADATA_FIELDS}
