@@ -19,8 +19,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAGSTER_YAML = PROJECT_ROOT / "config" / "dagster.yaml"
 # The largest Kafka record the pipeline carries: a change event holds its row twice (old and new image), so a row
 # with a large text or jsonb value is a large record. Kafka's default (1 MB) failed the Debezium task on such a row
-# and stopped CDC for every table. The broker, Connect's producer and the DLQ producer all take this much.
+# and stopped CDC for every table. Connect's producer takes this much; the broker and the DLQ producer take a dead
+# letter's headers more (`KAFKA_MAX_LETTER_BYTES`), so a record at the limit can still be dead-lettered.
 KAFKA_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+KAFKA_MAX_LETTER_BYTES = KAFKA_MAX_MESSAGE_BYTES + 1024 * 1024
 
 
 def redact_dsn(dsn: str) -> str:

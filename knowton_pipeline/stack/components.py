@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from knowton_pipeline.lib.settings import KAFKA_MAX_MESSAGE_BYTES, Settings
+from knowton_pipeline.lib.settings import KAFKA_MAX_LETTER_BYTES, KAFKA_MAX_MESSAGE_BYTES, Settings
 
 KAFKA_VERSION = "4.3.1"
 ELASTICSEARCH_VERSION = "8.19.21"
@@ -296,7 +296,7 @@ class Kafka(Component):
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.hours": "168",
-            "message.max.bytes": str(KAFKA_MAX_MESSAGE_BYTES),  # every topic's limit, unless it sets its own
+            "message.max.bytes": str(KAFKA_MAX_LETTER_BYTES),  # every topic's limit, unless it sets its own
         }
         _write_properties(self.dir / "server.properties", props)
         (self.dir / "log4j2.properties").write_text(_KAFKA_LOG4J)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from clickhouse_connect.driver.client import Client as ClickHouseClient
@@ -16,7 +17,7 @@ from knowton_pipeline.catalog import table
 from knowton_pipeline.defs.kafka_connect.assets import CDC_CONNECTOR
 from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.stores import WriteItem
-from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter, bulk_requests
+from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline_tests.helpers import ch_row, es_source, insert_user, new_address
 
@@ -31,9 +32,9 @@ def test_a_row_with_a_value_of_megabytes_reaches_both_stores_and_cdc_keeps_runni
     es: Elasticsearch,
     connect_client: KafkaConnectClient,
 ) -> None:
-    bio = "a long bio, é ✓ " * 200_000  # 3.6 MB of UTF-8: its update event holds it twice (old and new image)
-    user = insert_user(pg)
-    pg.execute('UPDATE "User" SET bio = %s WHERE address = %s', (bio, user))
+    bio = "a long bio, é ✓ " * 200_000  # 3.6 MB of UTF-8
+    user = insert_user(pg, bio=bio)
+    pg.execute('UPDATE "User" SET reputation = 2 WHERE address = %s', (user,))  # an event holding the bio twice
     behind = insert_user(pg)  # a change streamed after it
     apply()
 
@@ -55,11 +56,18 @@ def test_a_batch_of_documents_larger_than_one_request_is_written_in_several(es: 
         items = [
             WriteItem(USERS, {**_user(new_address()), "bio": f"{i} " + "x" * 50_000}, 10 + i, False) for i in range(12)
         ]
+        requests: list[int] = []  # the size of each bulk request the writer sends
+        bulk = es.bulk
+
+        def counted_bulk(*, operations: bytes, **kwargs: Any) -> Any:
+            requests.append(len(operations))
+            return bulk(operations=operations, **kwargs)
+
+        es.bulk = counted_bulk  # type: ignore[method-assign]  # the real request, counted on its way
         writer = ElasticsearchWriter(es, index_names={"knowton-users": index}, request_bytes=120_000)
-        prepared = writer.prepare(items)
-        assert len(list(bulk_requests(prepared.payload[0], writer.request_bytes))) >= 6  # about two documents each
-        outcome = writer.send(prepared)
+        outcome = writer.send(writer.prepare(items))
         assert (outcome.written, outcome.poison, outcome.stale) == (12, [], 0)
+        assert len(requests) == 6 and all(size <= 120_000 for size in requests)  # two documents a request
         es.indices.refresh(index=index)
         for i, item in enumerate(items):
             doc = es_source(es, index, item.row["address"])

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from knowton_pipeline.catalog import Column, SyncedTable
 from knowton_pipeline.lib.stores.postgres import (
@@ -24,7 +25,7 @@ from knowton_pipeline.lib.stores.postgres import (
     document_rows_copy_sql,
     mirror_rows_copy_sql,
 )
-from knowton_pipeline.lib.transform import ES_METADATA_FIELDS, to_clickhouse_row, to_es_document
+from knowton_pipeline.lib.transform import ES_METADATA_FIELDS, clickhouse_columns, to_clickhouse_row, to_es_document
 
 PG_TYPES = {
     "text": "text",
@@ -34,8 +35,9 @@ PG_TYPES = {
     "timestamptz": "timestamptz",
     "text[]": "text[]",
     "bool": "boolean",
+    "jsonb": "jsonb",
 }
-KINDS = ("text", "int", "bigint", "numeric", "timestamptz", "text[]", "bool")
+KINDS = ("text", "int", "bigint", "numeric", "timestamptz", "text[]", "bool", "jsonb")
 WIDTH = 2 * MOST_FUNCTION_ARGUMENTS + 10  # more than two calls' worth of mirror values and of document pairs
 
 
@@ -68,6 +70,7 @@ def value(kind: str, row: int, i: int) -> Any:
         "timestamptz": datetime(2026, 11, 24, 5, row, i % 60, 123_456, tzinfo=UTC),
         "text[]": ["a", f"b,{i}", 'q"uote'],
         "bool": (row + i) % 2 == 0,
+        "jsonb": Jsonb({"n": i, "list": [row, "x", 1.5], "text": f"é {i}"}),  # after the JSON built in parts
     }[kind]
 
 
@@ -124,9 +127,11 @@ def test_a_wide_tables_mirror_rows_are_spelled_in_full_as_the_row_transform_writ
     rows = read_rows(pg, relation)
     assert sorted(records) == sorted(rows)
     for key, record in records.items():
-        got = json.loads(reader.line(record), parse_float=Decimal)
-        expected = [as_json(v) for v in to_clickhouse_row(synced, rows[key], version=7, deleted=False)]
-        assert len(got) == len(expected) == len(synced.columns) + 2
+        # The line holds the columns in `reader.columns` order (jsonb last), the transform in the mirror's.
+        got = dict(zip(reader.columns, json.loads(reader.line(record), parse_float=Decimal), strict=True))
+        row = to_clickhouse_row(synced, rows[key], version=7, deleted=False)
+        expected = dict(zip(clickhouse_columns(synced), map(as_json, row), strict=True))
+        assert len(got) == len(synced.columns) + 2
         assert got == expected
 
 

@@ -940,6 +940,8 @@ class ElasticsearchWriter:
         refused: dict[str, int] = defaultdict(int)
         for start, end in bulk_requests(operations, self.request_bytes):
             self._send_request(operations[start:end], planned[start:end], out, refused)
+            if refused:
+                break  # the batch is held: the rest would meet the same refusal
         if refused:
             causes = ", ".join(f"{n} x {cause}" for cause, n in sorted(refused.items()))
             raise StoreRefusedError(f"Elasticsearch refused document(s) store-wide ({causes}); holding the batch")
@@ -1140,7 +1142,7 @@ class ElasticsearchStore:
     title = "Elasticsearch"
     shape: Shape = "document"
     dlq_topic = "dlq-elasticsearch-failed"
-    batch_size = 2_000  # changes a sink takes per batch: one bulk request of a few megabytes
+    batch_size = 2_000  # changes a sink takes per batch: a bulk request of a few megabytes, at most 32 MiB each
 
     def holds(self, table: SyncedTable) -> bool:
         return table.elasticsearch_index is not None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message, Producer
 
-from knowton_pipeline.lib.settings import KAFKA_MAX_MESSAGE_BYTES
+from knowton_pipeline.lib.settings import KAFKA_MAX_LETTER_BYTES
 from knowton_pipeline.lib.stores import TARGETS
 
 # Each target store's own DLQ, as the store declares it.
@@ -122,7 +122,7 @@ def make_producer(bootstrap: str) -> Producer:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
-            "message.max.bytes": KAFKA_MAX_MESSAGE_BYTES,  # a dead letter carries its record, which may be that large
+            "message.max.bytes": KAFKA_MAX_LETTER_BYTES,  # a dead letter: its record, up to the limit, and headers
         }
     )
 

@@ -23,7 +23,7 @@ import psycopg
 from elasticsearch import Elasticsearch, helpers
 
 from knowton_pipeline.catalog import SyncedTable
-from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter, alias_body
+from knowton_pipeline.lib.stores.elasticsearch import BULK_REQUEST_BYTES, ElasticsearchWriter, alias_body
 from knowton_pipeline.lib.sync.backfill import BackfillStats, backfill_range
 
 BULK_ACTIONS = "indices:data/write/bulk*"
@@ -96,7 +96,7 @@ def _copy_behind(es: Elasticsearch, source: str, target: str, above_lsn: int) ->
         for hit in _behind(es, source, target, above_lsn)
     )
     # A 409 means the target got that version or a newer one in the meantime: nothing to copy.
-    ok, errors = helpers.bulk(es, actions, raise_on_error=False, chunk_size=2000)
+    ok, errors = helpers.bulk(es, actions, raise_on_error=False, chunk_size=2000, max_chunk_bytes=BULK_REQUEST_BYTES)
     real = [e for e in errors if next(iter(e.values())).get("status") != 409]  # type: ignore[union-attr]
     if real:
         raise RebuildError(f"{len(real)} document(s) could not be copied from {source} to {target}: {real[:3]}")
