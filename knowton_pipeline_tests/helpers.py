@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -82,6 +83,24 @@ def wait_for_cdc(settings: Settings, timeout: float = 60.0) -> None:
 
 def new_address() -> str:
     return "0x" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
+
+
+def unsaved_user(**values: Any) -> dict[str, Any]:
+    """A whole `User` row PostgreSQL does not hold (a new address), for writing to a store directly."""
+    now = datetime.now(UTC)
+    address = values.pop("address", None) or new_address()
+    return {
+        "address": address,
+        "username": f"u-{address[2:14]}",
+        "email": None,
+        "bio": None,
+        "avatarUrl": None,
+        "reputation": 0,
+        "isVerified": False,
+        "createdAt": now,
+        "updatedAt": now,
+        **values,
+    }
 
 
 def insert_user(pg: psycopg.Connection, **values: Any) -> str:

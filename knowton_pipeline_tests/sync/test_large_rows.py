@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -19,7 +18,7 @@ from knowton_pipeline.lib.kafka_connect import KafkaConnectClient
 from knowton_pipeline.lib.stores import WriteItem
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
-from knowton_pipeline_tests.helpers import ch_row, es_source, insert_user, new_address
+from knowton_pipeline_tests.helpers import ch_row, es_source, insert_user, unsaved_user
 
 USERS = table("User")
 
@@ -53,9 +52,7 @@ def test_a_batch_of_documents_larger_than_one_request_is_written_in_several(es: 
     index = f"knowton-large-{uuid.uuid4().hex[:8]}"  # throwaway: the pipeline's index holds only synced rows
     es.indices.create(index=index)
     try:
-        items = [
-            WriteItem(USERS, {**_user(new_address()), "bio": f"{i} " + "x" * 50_000}, 10 + i, False) for i in range(12)
-        ]
+        items = [WriteItem(USERS, unsaved_user(bio=f"{i} " + "x" * 50_000), 10 + i, False) for i in range(12)]
         requests: list[int] = []  # the size of each bulk request the writer sends
         bulk = es.bulk
 
@@ -74,18 +71,3 @@ def test_a_batch_of_documents_larger_than_one_request_is_written_in_several(es: 
             assert doc is not None and doc["bio"] == item.row["bio"] and doc["pg_lsn"] == 10 + i
     finally:
         es.options(ignore_status=404).indices.delete(index=index)
-
-
-def _user(address: str) -> dict[str, object]:
-    now = datetime(2026, 12, 4, tzinfo=UTC)
-    return {
-        "address": address,
-        "username": f"user-{address[-6:]}",
-        "email": f"{address[-6:]}@example.com",
-        "bio": None,
-        "avatarUrl": None,
-        "reputation": 0,
-        "isVerified": False,
-        "createdAt": now,
-        "updatedAt": now,
-    }

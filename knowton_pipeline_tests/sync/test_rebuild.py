@@ -23,7 +23,7 @@ from knowton_pipeline.lib.stores import WriteItem
 from knowton_pipeline.lib.stores.elasticsearch import ElasticsearchWriter
 from knowton_pipeline.lib.sync.apply import ApplyStats
 from knowton_pipeline.lib.sync.rebuild import next_index_name, rebuild_index
-from knowton_pipeline_tests.helpers import es_source, insert_user, new_address
+from knowton_pipeline_tests.helpers import es_source, insert_user, unsaved_user
 
 USER = table("User")
 
@@ -125,24 +125,9 @@ def test_a_user_created_before_1970_is_in_the_rebuilt_index(
 def _unsaved_users(n: int) -> list[WriteItem]:
     """Search documents of users PostgreSQL does not hold, versioned far above any LSN the stack reaches:
     what CDC would write through the alias, without touching the source."""
-    now = datetime.now(UTC)
+    bio = "written by a bulk request under way while the alias moves " * 4
     return [
-        WriteItem(
-            USER,
-            {
-                "address": new_address(),
-                "username": f"inflight-{i}",
-                "email": None,
-                "bio": "written by a bulk request under way while the alias moves " * 4,
-                "avatarUrl": None,
-                "reputation": i,
-                "isVerified": False,
-                "createdAt": now,
-                "updatedAt": now,
-            },
-            2**60 + i,
-            False,
-        )
+        WriteItem(USER, unsaved_user(username=f"inflight-{i}", bio=bio, reputation=i), 2**60 + i, False)
         for i in range(n)
     ]
 
