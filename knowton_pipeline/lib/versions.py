@@ -125,16 +125,23 @@ def stream_versions(ops: Sequence[str], lsns: Sequence[int], sequences: Sequence
         sequence = pa.array(sequences, pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # beyond 64 bits, or not text: one by one
         return [stream_version(*change) for change in zip(ops, lsns, sequences, strict=True)]
+    return stream_versions_of(ops, lsn, sequence)
+
+
+def stream_versions_of(ops: Sequence[str], lsn: pa.Array, sequence: pa.Array) -> list[int]:
+    """`stream_versions` of a batch whose LSNs (int64) and sequences (strings) are Arrow arrays already."""
+    if not ops:
+        return []
     usual = pc.extract_regex(sequence, _USUAL_SEQUENCE)
     captured = pc.struct_field(usual, [0])  # "" where lastCommitLsn is null
     last_commit = pc.if_else(pc.equal(captured, ""), None, captured).cast(pa.int64())
     versions = pc.max_element_wise(lsn, last_commit, skip_nulls=True).to_pylist()
     odd = pc.and_(pc.is_null(usual), pc.is_valid(sequence))
     if "r" in ops:
-        odd = pc.or_(odd, pc.equal(pa.array(ops, pa.string()), "r"))
+        odd = pc.or_(odd, pc.equal(pa.array(list(ops), pa.string()), "r"))
     if pc.any(odd).as_py():
         for i in pc.indices_nonzero(odd).to_pylist():
-            versions[i] = stream_version(ops[i], lsns[i], sequences[i])
+            versions[i] = stream_version(ops[i], lsn[i].as_py(), sequence[i].as_py())
     return versions
 
 

@@ -144,7 +144,7 @@ def test_a_block_clickhouse_refuses_for_a_value_is_written_row_by_row_and_only_t
     changes = ChangeColumns(
         table=users,
         rows=block,
-        keys=[(r["address"],) for r in rows],
+        key_columns=([r["address"] for r in rows],),
         versions=[10 + i for i in range(len(rows))],
         deletes=[False] * len(rows),
     )
