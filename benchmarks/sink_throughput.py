@@ -9,7 +9,8 @@ running, so that nothing else consumes the backlog or uses the CPU while it is m
 into `cdc-User`: the backlog. Then, for each store and repeat:
   sink  a throwaway consumer group, placed at the backlog's start, runs the store's sink (`CdcSink`) until it is
         caught up: decode, transform, versioned writes in the store's own batches (ClickHouse 20,000 changes,
-        Elasticsearch 2,000), commits;
+        Elasticsearch 2,000), commits. The ClickHouse sink runs twice: reading its batches with the compiled
+        reading (`lib/_columns.c`), as it does, and with msgspec alone (the line "clickhouse, msgspec reading");
   raw   the store operation alone on the rows the events carry, already transformed: one ClickHouse `insert` of
         the rows, and (a second line) one `insert_arrow` of the same rows as an Arrow table, ClickHouse's fastest
         way in from Python; or `helpers.bulk` of the same documents (stored hash fields included) with the same
@@ -23,10 +24,12 @@ pipeline's own. The figure is the ratio of the medians, sink events/s over raw r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +40,7 @@ from elasticsearch import Elasticsearch, helpers
 
 from knowton_pipeline.catalog import TABLES as ALL_TABLES
 from knowton_pipeline.catalog import table
-from knowton_pipeline.lib import clickhouse
+from knowton_pipeline.lib import clickhouse, debezium
 from knowton_pipeline.lib.debezium import ChangeEvent, decode_event
 from knowton_pipeline.lib.settings import Settings
 from knowton_pipeline.lib.sql import read_sql
@@ -170,6 +173,19 @@ def run_sink(settings: Settings, store: str, client, writer, start: list[TopicPa
     return stats.events, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def msgspec_reading() -> Iterator[None]:
+    """The sink's batches read with msgspec alone, as without the compiled reading."""
+    compiled = debezium._columns
+    debezium._columns = None  # type: ignore[assignment]
+    debezium._COMPILED.clear()
+    try:
+        yield
+    finally:
+        debezium._columns = compiled
+        debezium._COMPILED.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
@@ -203,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         for e in events
     ]
-    figures: dict[str, dict[str, list[float]]] = {
-        s: {"sink": [], "raw": []} for s in ("clickhouse", "clickhouse (Arrow)", "elasticsearch")
-    }
+    if debezium._columns is None:
+        print("the compiled reading is not built (pip install -e .): both ClickHouse lines read with msgspec")
+    stores = ("clickhouse", "clickhouse (Arrow)", "clickhouse, msgspec reading", "elasticsearch")
+    figures: dict[str, dict[str, list[float]]] = {s: {"sink": [], "raw": []} for s in stores}
     reads: list[float] = []
     for _ in range(args.repeat):
         n, seconds = read_only(settings, start, end)
@@ -222,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         ch.insert_arrow(f"{BENCH_DB}.users", arrow_rows)
         figures["clickhouse (Arrow)"]["raw"].append(len(rows) / (time.perf_counter() - t0))
         figures["clickhouse (Arrow)"]["sink"] = figures["clickhouse"]["sink"]
+        ch.command(f"TRUNCATE TABLE {BENCH_DB}.users")
+        with msgspec_reading():
+            n, seconds = run_sink(settings, "clickhouse", ch, ClickHouseWriter(ch, database=BENCH_DB), start)
+        figures["clickhouse, msgspec reading"]["sink"].append(n / seconds)
+        figures["clickhouse, msgspec reading"]["raw"] = figures["clickhouse"]["raw"]
 
         es.options(ignore_status=404).indices.delete(index=BENCH_INDEX)
         es.indices.create(index=BENCH_INDEX)
@@ -237,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     ch.command(f"DROP DATABASE IF EXISTS {BENCH_DB}")
     read = statistics.median(reads)
     print(
-        f"\n{'store':<19} {'events':>8} {'sink events/s':>14} {'raw rows/s':>11} {'ratio':>6} "
+        f"\n{'store':<28} {'events':>8} {'sink events/s':>14} {'raw rows/s':>11} {'ratio':>6} "
         f"{'read events/s':>14} {'read / raw':>10}"
     )
     for store, f in figures.items():
         sink, raw = statistics.median(f["sink"]), statistics.median(f["raw"])
         print(
-            f"{store:<19} {len(events):>8,} {sink:>14,.0f} {raw:>11,.0f} {sink / raw:>6.2f} {read:>14,.0f} {read / raw:>10.2f}"
+            f"{store:<28} {len(events):>8,} {sink:>14,.0f} {raw:>11,.0f} {sink / raw:>6.2f} {read:>14,.0f} {read / raw:>10.2f}"
         )
     print(
         f"medians of {args.repeat} runs each; ratio = sink / raw (aim: >= 0.7); read = the backlog consumed from Kafka "
