@@ -14,7 +14,7 @@
  *     bool as true or false), null only where the column is nullable; `before`, when it is an object, holds the key
  *     columns, typed the same way;
  *   - a Kafka key, when there is one, is an object holding the key columns, equal to the row's key;
- *   - every field it does not read is valid JSON (the syntax only, as msgspec checks it);
+ *   - every field it does not read is valid JSON (the syntax, escapes and surrogate pairs, as msgspec checks it);
  *   - strings it reads are valid UTF-8 after their escapes are decoded.
  * Field names with escapes, and a field it reads given twice, make the result None rather than be guessed at.
  *
@@ -248,29 +248,59 @@ static int skip_value(Cursor *c, int depth) {
     }
 }
 
-/* Walk an object's fields: for each name equal to one of `names`, record its value's span (a name given twice, or a
- * name with an escape, makes it fail); skip the others. Returns 1 when the object is well formed. */
-static int object_fields(Cursor *c, const char *const *names, const size_t *lens, size_t count, Span *spans,
-                         size_t hint) {
-    for (size_t i = 0; i < count; i++) spans[i].start = NULL;
+/* An object's field name and its colon; 0 when malformed, or spelled with escapes (it could then be any of ours:
+ * not guessed at). */
+static int field_name(Cursor *c, const char **name, size_t *len) {
+    if (c->p >= c->end || *c->p != '"') return 0;
+    *name = c->p + 1;
+    int escaped = 0;
+    if (!skip_string(c, &escaped) || escaped) return 0;
+    *len = (size_t)(c->p - 1 - *name);
+    ws(c);
+    if (c->p >= c->end || *c->p != ':') return 0;
+    c->p++;
+    ws(c);
+    return 1;
+}
+
+/* After a field's value: 1 when another field follows, 2 at the object's end (consumed), 0 when malformed. */
+static int after_field(Cursor *c) {
+    ws(c);
+    if (c->p >= c->end) return 0;
+    if (*c->p == ',') {
+        c->p++;
+        ws(c);
+        return 1;
+    }
+    if (*c->p == '}') {
+        c->p++;
+        return 2;
+    }
+    return 0;
+}
+
+/* An object's opening brace; 2 when the object is empty (consumed), 1 when fields follow, 0 when not an object. */
+static int object_start(Cursor *c) {
     if (c->p >= c->end || *c->p != '{') return 0;
     c->p++;
     ws(c);
     if (c->p < c->end && *c->p == '}') {
         c->p++;
-        return 1;
+        return 2;
     }
-    size_t next = hint; /* Debezium writes the fields in column order: try the one after the last match first */
-    for (;;) {
-        if (c->p >= c->end || *c->p != '"') return 0;
-        const char *name = c->p + 1;
-        int escaped = 0;
-        if (!skip_string(c, &escaped)) return 0;
-        size_t len = (size_t)(c->p - 1 - name);
-        ws(c);
-        if (c->p >= c->end || *c->p != ':') return 0;
-        c->p++;
-        ws(c);
+    return 1;
+}
+
+/* Walk an object's fields: for each name equal to one of `names`, record its value's span (a name given twice, or a
+ * name with an escape, makes it fail); skip the others. Returns 1 when the object is well formed. */
+static int object_fields(Cursor *c, const char *const *names, const size_t *lens, size_t count, Span *spans) {
+    for (size_t i = 0; i < count; i++) spans[i].start = NULL;
+    int state = object_start(c);
+    size_t next = 0; /* Debezium writes the fields in column order: try the one after the last match first */
+    while (state == 1) {
+        const char *name;
+        size_t len;
+        if (!field_name(c, &name, &len)) return 0;
         size_t found = count;
         if (next < count && lens[next] == len && memcmp(names[next], name, len) == 0) {
             found = next;
@@ -282,7 +312,6 @@ static int object_fields(Cursor *c, const char *const *names, const size_t *lens
                 }
             }
         }
-        if (escaped) return 0; /* a name spelled with escapes could be any of ours: not guessed at */
         const char *start = c->p;
         if (!skip_value(c, 1)) return 0;
         if (found < count) {
@@ -291,19 +320,9 @@ static int object_fields(Cursor *c, const char *const *names, const size_t *lens
             spans[found].end = c->p;
             next = found + 1;
         }
-        ws(c);
-        if (c->p >= c->end) return 0;
-        if (*c->p == ',') {
-            c->p++;
-            ws(c);
-            continue;
-        }
-        if (*c->p == '}') {
-            c->p++;
-            return 1;
-        }
-        return 0;
+        state = after_field(c);
     }
+    return state == 2;
 }
 
 static inline int is_null(Span s) { return s.end - s.start == 4 && memcmp(s.start, "null", 4) == 0; }
@@ -561,7 +580,7 @@ static int image_or_null(Cursor *c, const char *const *names, const size_t *lens
     if (*state) return 0; /* given twice */
     if (c->p < c->end && *c->p == '{') {
         *state = 2;
-        return object_fields(c, names, lens, count, spans, 0);
+        return object_fields(c, names, lens, count, spans);
     }
     *state = 1;
     return skip_literal(c, "null", 4); /* any other value is refused by msgspec as well */
@@ -570,23 +589,11 @@ static int image_or_null(Cursor *c, const char *const *names, const size_t *lens
 static int read_envelope(Cursor *c, Batch *b, Envelope *e, Span *old_key, Span *row) {
     memset(e, 0, sizeof(*e));
     ws(c);
-    if (c->p >= c->end || *c->p != '{') return 0;
-    c->p++;
-    ws(c);
-    if (c->p < c->end && *c->p == '}') {
-        c->p++;
-        return 1;
-    }
-    for (;;) {
-        if (c->p >= c->end || *c->p != '"') return 0;
-        const char *name = c->p + 1;
-        int escaped = 0;
-        if (!skip_string(c, &escaped) || escaped) return 0;
-        size_t len = (size_t)(c->p - 1 - name);
-        ws(c);
-        if (c->p >= c->end || *c->p != ':') return 0;
-        c->p++;
-        ws(c);
+    int state = object_start(c);
+    while (state == 1) {
+        const char *name;
+        size_t len;
+        if (!field_name(c, &name, &len)) return 0;
         if (len == 2 && memcmp(name, "op", 2) == 0) {
             if (e->op.start) return 0;
             e->op.start = c->p;
@@ -595,7 +602,7 @@ static int read_envelope(Cursor *c, Batch *b, Envelope *e, Span *old_key, Span *
         } else if (len == 6 && memcmp(name, "source", 6) == 0) {
             if (e->has_source || c->p >= c->end || *c->p != '{') return 0;
             e->has_source = 1;
-            if (!object_fields(c, SOURCE, SOURCE_LENS, 4, e->source, 0)) return 0;
+            if (!object_fields(c, SOURCE, SOURCE_LENS, 4, e->source)) return 0;
         } else if (len == 6 && memcmp(name, "before", 6) == 0) {
             if (!image_or_null(c, b->key_names, b->key_lens, b->nkeys, old_key, &e->before)) return 0;
         } else if (len == 5 && memcmp(name, "after", 5) == 0) {
@@ -603,20 +610,11 @@ static int read_envelope(Cursor *c, Batch *b, Envelope *e, Span *old_key, Span *
         } else if (!skip_value(c, 1)) {
             return 0;
         }
-        ws(c);
-        if (c->p >= c->end) return 0;
-        if (*c->p == ',') {
-            c->p++;
-            ws(c);
-            continue;
-        }
-        if (*c->p == '}') {
-            c->p++;
-            ws(c);
-            return c->p == c->end; /* nothing after the object but whitespace */
-        }
-        return 0;
+        state = after_field(c);
     }
+    if (state != 2) return 0;
+    ws(c);
+    return c->p == c->end; /* nothing after the object but whitespace */
 }
 
 /* Read record i into the batch; 0 when it is not a usual change. */
@@ -668,7 +666,7 @@ static int read_record(Batch *b, Py_ssize_t i, const char *value, Py_ssize_t siz
         Cursor kc = {key, key + key_size};
         ws(&kc);
         if (kc.p >= kc.end || *kc.p != '{') return 0;
-        if (!object_fields(&kc, b->key_names, b->key_lens, b->nkeys, key_spans, 0)) return 0;
+        if (!object_fields(&kc, b->key_names, b->key_lens, b->nkeys, key_spans)) return 0;
         ws(&kc);
         if (kc.p != kc.end) return 0;
         for (size_t k = 0; k < b->nkeys; k++) {

@@ -1,11 +1,15 @@
 """The compiled reading of a batch (`lib/_columns.c`, behind `debezium.read_change_columns`) against the msgspec
 reading it stands in for: it takes the usual batches, spelled any way JSON allows, and gives the same columns; any
 other batch it either leaves to the msgspec reading (None) or reads to the very same columns. It never takes what
-the msgspec reading refuses, whatever the bytes. Pure: no stack."""
+the msgspec reading refuses, whatever the bytes. Pure: no stack.
+
+The suite runs a trimmed, fixed set of examples; `KNOWTON_FUZZ_SCALE=100` runs a hundred times as many, drawn
+afresh each time (a long drill, README "Benchmarks")."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -21,6 +25,16 @@ from knowton_pipeline_tests.lib.test_debezium_columns import batches, odd, unzip
 # The tables the compiled reading takes: every column text, an integer, bool, numeric or timestamptz.
 COMPILED = [table("User"), table("Purchase"), table("heartbeat")]
 Records = list[tuple[bytes | None, bytes]]
+SCALE = float(os.environ.get("KNOWTON_FUZZ_SCALE", "1"))
+
+
+def fuzz(examples: int) -> settings:
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        derandomize=SCALE == 1,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 def test_the_compiled_reading_is_built_and_takes_the_tables_it_can() -> None:
@@ -60,7 +74,7 @@ def test_a_real_event_from_the_stack_is_read_compiled() -> None:
     assert got.rows.to_pylist()[0]["address"] == json.loads(REAL_VALUE)["after"]["address"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(50)
 @given(batches(COMPILED))
 def test_a_usual_batch_is_read_compiled_to_the_msgspec_columns(batch: tuple[SyncedTable, Records]) -> None:
     synced, records = batch
@@ -85,7 +99,7 @@ def respelled(value: bytes, how: str, rng: random.Random) -> bytes:
     return json.dumps(event_, ensure_ascii=False, indent="\t").encode().replace(b"\n", b"\r\n")
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(40)
 @given(batches(COMPILED), st.sampled_from(["ascii", "order", "whitespace"]), st.randoms(use_true_random=False))
 def test_the_usual_batch_spelled_another_way_is_still_read_compiled(
     batch: tuple[SyncedTable, Records], how: str, rng: random.Random
@@ -97,7 +111,7 @@ def test_the_usual_batch_spelled_another_way_is_still_read_compiled(
     assert same_columns(got, _read_msgspec(synced, *unzip(records)))  # type: ignore[arg-type]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(80)
 @given(batches(COMPILED), st.data())
 def test_a_batch_with_an_odd_record_is_read_compiled_only_to_the_msgspec_columns(
     batch: tuple[SyncedTable, Records], data: st.DataObject
@@ -115,7 +129,7 @@ _BYTES = [b'"', b"\\", b"{", b"}", b"[", b"]", b":", b",", b" ", b"\x00", b"\x1f
           b"9", b"n", b"null", b"true", b"1e400", b"x"]  # fmt: skip
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(150)
 @given(batches(COMPILED), st.data())
 def test_bytes_broken_anywhere_are_never_read_compiled_to_other_columns(
     batch: tuple[SyncedTable, Records], data: st.DataObject
