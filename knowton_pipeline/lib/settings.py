@@ -69,7 +69,9 @@ SPECS: dict[str, _Spec] = {
     ),
     "KNOWTON_STACK_TIMEOUT": _Spec("240", "int", "seconds `knowton stack up` waits for every component"),
     "KNOWTON_KAFKA_HEAP": _Spec("512m", "heap", "Kafka broker JVM heap"),
-    "KNOWTON_CONNECT_HEAP": _Spec("768m", "heap", "Kafka Connect JVM heap"),
+    # Holds a transaction's large rows as they stream (benchmarks/large_transaction.py): 768m failed on 30 rows of
+    # 20 MB in one transaction.
+    "KNOWTON_CONNECT_HEAP": _Spec("2g", "heap", "Kafka Connect JVM heap"),
     "KNOWTON_ES_HEAP": _Spec("768m", "heap", "Elasticsearch JVM heap"),
     "KNOWTON_ALERT_WEBHOOK_URL": _Spec(
         None, "secret-url", "webhook that receives alerts as Slack-compatible JSON (unset: alerts go to the log only)"

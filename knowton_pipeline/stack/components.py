@@ -21,6 +21,8 @@ from knowton_pipeline.lib.settings import KAFKA_MAX_LETTER_BYTES, KAFKA_MAX_MESS
 KAFKA_VERSION = "4.3.1"
 ELASTICSEARCH_VERSION = "8.19.21"
 DEBEZIUM_CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
+# The largest temporary direct buffer a JVM of the stack keeps per thread (jdk.nio.maxCachedBufferSize).
+NIO_CACHED_BUFFER_BYTES = 256 * 1024
 
 
 class StackError(RuntimeError):
@@ -331,6 +333,10 @@ class Kafka(Component):
             f"-Xms{heap}",
             f"-Xmx{heap}",
             "-XX:+UseG1GC",
+            # A large record is written to the log through a temporary direct buffer as large as it; the JDK keeps one
+            # per thread by default, and a few of them exhaust direct memory (as large as the heap) on the first
+            # batch of large rows. Larger ones are freed after use.
+            f"-Djdk.nio.maxCachedBufferSize={NIO_CACHED_BUFFER_BYTES}",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
             "-cp",
@@ -408,6 +414,7 @@ class Connect(Component):
             f"-Xms{heap}",
             f"-Xmx{heap}",
             "-XX:+UseG1GC",
+            f"-Djdk.nio.maxCachedBufferSize={NIO_CACHED_BUFFER_BYTES}",  # as the broker's (above)
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
             "-cp",
