@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from operator import attrgetter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import orjson
@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - a build without a C compiler
     _columns = None  # type: ignore[assignment]
 
 OPS = ("c", "u", "d", "r", "t")
+_R = TypeVar("_R")
 _MISSING: Any = object()
 _INT_RANGES = {"int": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 # Debezium's ZonedTimestamp: ISO-8601 with 0-9 fraction digits, normally "Z" (any offset is accepted).
@@ -500,14 +501,26 @@ class _FastReader:
     key_after_parse: tuple[_ColumnCodec, ...]
 
 
+def _per_table(cache: dict[int, tuple[SyncedTable, _R]], table: SyncedTable, build: Callable[[SyncedTable], _R]) -> _R:
+    """What `build` makes of a table, made once: keyed by the table's identity, and held with the table so that its
+    id is never taken by another one."""
+    entry = cache.get(id(table))
+    if entry is not None and entry[0] is table:
+        return entry[1]
+    made = build(table)
+    cache[id(table)] = (table, made)
+    return made
+
+
 _READERS: dict[int, tuple[SyncedTable, _FastReader | None]] = {}
 
 
 def _fast_reader(table: SyncedTable) -> _FastReader | None:
     """The one-pass reader of a table's events; None when its column names cannot be struct fields."""
-    entry = _READERS.get(id(table))
-    if entry is not None and entry[0] is table:
-        return entry[1]
+    return _per_table(_READERS, table, _build_fast_reader)
+
+
+def _build_fast_reader(table: SyncedTable) -> _FastReader | None:
     reader = None
     names = [c.name for c in table.columns]
     if all(n.isidentifier() and not keyword.iskeyword(n) and not n.startswith("_") for n in names):
@@ -520,7 +533,6 @@ def _fast_reader(table: SyncedTable) -> _FastReader | None:
             after_parse=tuple(by_name[c.name] for c in table.columns if c.type in _AFTER_PARSE),
             key_after_parse=tuple(by_name[c.name] for c in key_columns if c.type in _AFTER_PARSE),
         )
-    _READERS[id(table)] = (table, reader)
     return reader
 
 
@@ -636,9 +648,10 @@ _COLUMN_READERS: dict[int, tuple[SyncedTable, _ColumnsReader | None]] = {}
 
 
 def _columns_reader(table: SyncedTable) -> _ColumnsReader | None:
-    entry = _COLUMN_READERS.get(id(table))
-    if entry is not None and entry[0] is table:
-        return entry[1]
+    return _per_table(_COLUMN_READERS, table, _build_columns_reader)
+
+
+def _build_columns_reader(table: SyncedTable) -> _ColumnsReader | None:
     reader = None
     usual = _fast_reader(table)
     types = [_arrow_type(c) for c in table.columns]
@@ -657,7 +670,6 @@ def _columns_reader(table: SyncedTable) -> _ColumnsReader | None:
             key_positions=tuple(names.index(k) for k in table.key),
             key_getter=attrgetter(table.key[0]),
         )
-    _COLUMN_READERS[id(table)] = (table, reader)
     return reader
 
 
@@ -778,9 +790,10 @@ _COMPILED: dict[int, tuple[SyncedTable, _CompiledSpec | None]] = {}
 
 
 def _compiled_spec(table: SyncedTable) -> _CompiledSpec | None:
-    entry = _COMPILED.get(id(table))
-    if entry is not None and entry[0] is table:
-        return entry[1]
+    return _per_table(_COMPILED, table, _build_compiled_spec)
+
+
+def _build_compiled_spec(table: SyncedTable) -> _CompiledSpec | None:
     spec = None
     names = [c.name for c in table.columns]
     if _columns is not None and all(c.type in _COMPILED_KINDS for c in table.columns):
@@ -791,7 +804,6 @@ def _compiled_spec(table: SyncedTable) -> _CompiledSpec | None:
                 columns=tuple((c.name.encode(), _COMPILED_KINDS[c.type], c.nullable) for c in table.columns),
                 key_positions=key_positions,
             )
-    _COMPILED[id(table)] = (table, spec)
     return spec
 
 
