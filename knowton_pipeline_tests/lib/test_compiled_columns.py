@@ -9,6 +9,7 @@ afresh each time (a long drill, README "Benchmarks")."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 
@@ -188,3 +189,18 @@ def test_a_kafka_key_other_than_the_rows_is_refused_compiled() -> None:
     assert _read_compiled(user, [other], [REAL_VALUE]) is None
     assert _read_compiled(user, [REAL_KEY], [REAL_VALUE]) is not None
     assert _read_compiled(user, [None], [REAL_VALUE]) is not None
+
+
+def test_without_the_compiled_reading_a_batch_is_still_read_as_columns_and_the_log_says_why_slower(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = table("User")
+    monkeypatch.setattr(debezium, "_columns", None)
+    monkeypatch.setattr(debezium, "_COMPILED", {})
+    with caplog.at_level(logging.WARNING, logger=debezium.__name__):
+        got = read_change_columns(user, [REAL_KEY, None], [REAL_VALUE, REAL_VALUE])
+        read_change_columns(user, [REAL_KEY], [REAL_VALUE])
+    assert got is not None and len(got) == 2
+    assert same_columns(got, _read_msgspec(user, [REAL_KEY, None], [REAL_VALUE, REAL_VALUE]))  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if "compiled reading" in r.getMessage()]
+    assert said == [said[0]] and said[0].startswith("User: ") and "was not built" in said[0]  # once per table
