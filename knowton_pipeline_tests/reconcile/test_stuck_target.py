@@ -25,6 +25,7 @@ def test_a_key_updated_every_2_s_while_the_apply_is_stopped_is_reported_as_laggi
     address = insert_user(pg, reputation=0)
     apply()
     stop = threading.Event()
+    first_update = threading.Event()
 
     def keep_updating() -> None:
         with psycopg.connect(**settings.pg_conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
@@ -32,10 +33,14 @@ def test_a_key_updated_every_2_s_while_the_apply_is_stopped_is_reported_as_laggi
             while not stop.wait(2.0 if n else 0.0):
                 n += 1
                 conn.execute('UPDATE "User" SET reputation = %s WHERE address = %s', (n, address))
+                first_update.set()
 
     writer = threading.Thread(target=keep_updating)
     writer.start()
     try:
+        # The key must differ before the first comparison: a reconciliation started before the writer's first
+        # commit would find it in step, and rightly say so.
+        assert first_update.wait(30), "the writer never updated the key"
         for target in ("clickhouse", "elasticsearch"):
             result = reconcile("User", target, mode="incremental", settle_seconds=3.0, stuck_seconds=8.0)
             assert not result.clean, target
