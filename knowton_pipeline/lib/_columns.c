@@ -50,8 +50,6 @@ static int buf_reserve(Buf *b, size_t extra) {
 
 /* One output column: validity bitmap, int32 offsets and bytes for text, values for the rest. */
 typedef struct {
-    const char *name;
-    size_t name_len;
     int kind;
     int nullable;
     int is_key;
@@ -796,8 +794,6 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "unknown column kind");
             goto done;
         }
-        b.cols[j].name = name;
-        b.cols[j].name_len = (size_t)name_len;
         b.cols[j].kind = kind;
         b.cols[j].nullable = nullable;
         b.names[j] = name;

@@ -643,7 +643,6 @@ class _ColumnsReader:
     key: msgspec.json.Decoder[Any]
     schema: pa.Schema
     key_positions: tuple[int, ...]
-    key_getter: Callable[[Any], Any]  # the value of a one-column key, from its decoded Kafka key
 
 
 _COLUMN_READERS: dict[int, tuple[SyncedTable, _ColumnsReader | None]] = {}
@@ -670,7 +669,6 @@ def _build_columns_reader(table: SyncedTable) -> _ColumnsReader | None:
             key=usual.key,
             schema=pa.schema([pa.field(n, t) for n, t in zip(names, types, strict=True)]),
             key_positions=tuple(names.index(k) for k in table.key),
-            key_getter=attrgetter(table.key[0]),
         )
     return reader
 
@@ -728,16 +726,13 @@ def _read_msgspec(table: SyncedTable, keys_given: list[bytes | None], values: li
                 for name in names
             ]
         key_columns = tuple(columns[p] for p in reader.key_positions)
+        keys = list(zip(*key_columns, strict=True))
         if None not in keys_given:
-            given = list(map(reader.key.decode, keys_given))  # type: ignore[arg-type]
-            if len(key_columns) == 1:  # the usual key: compared as a column, no tuple per change
-                if list(map(reader.key_getter, given)) != key_columns[0]:
-                    return None
-            elif list(map(_astuple, given)) != list(zip(*key_columns, strict=True)):
+            if list(map(_astuple, map(reader.key.decode, keys_given))) != keys:  # type: ignore[arg-type]
                 return None
         else:
-            for given_key, key in zip(keys_given, zip(*key_columns, strict=True), strict=True):
-                if given_key is not None and _astuple(reader.key.decode(given_key)) != key:
+            for given, key in zip(keys_given, keys, strict=True):
+                if given is not None and _astuple(reader.key.decode(given)) != key:
                     return None
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None

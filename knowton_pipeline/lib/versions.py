@@ -118,8 +118,6 @@ def stream_versions(ops: Sequence[str], lsns: Sequence[int], sequences: Sequence
     """`stream_version` of each change of a batch, computed over the batch as columns (Arrow): the hot path of a sink
     that reads a batch as columns. A change of another kind (a snapshot read, a sequence in another spelling) is
     given its version one by one."""
-    if not ops:
-        return []
     try:
         lsn = pa.array(lsns, pa.int64())
         sequence = pa.array(sequences, pa.string())
